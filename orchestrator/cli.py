@@ -1,0 +1,82 @@
+"""The `conaclip` command line: one subcommand per step of DESIGN.md's data flow.
+
+Each area registers its subcommands from its own module (``register(subparsers)``) so the
+parser stays one place to read and each handler stays next to the code it drives. A handler
+returns the process exit code. Bad input raises ``trainers.errors.InputError`` (or a pydantic
+ValidationError) and is printed as one line, exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from trainers.errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+# Subcommands that are designed (DESIGN.md) but not built yet: listed in --help, exit 2 when run.
+_PLANNED: dict[str, str] = {
+    "data": "write the built-in data set, check shards, convert Karpathy-split Flickr30K/COCO",
+    "teacher": "pre-train the built-in teacher / build the teacher-embedding cache",
+    "train": "one distillation run on a local Ray cluster (no Tune)",
+    "ablate": "run an ablation preset as Ray Tune trials tracked in MLflow",
+    "table": "the strategy-selection table read from MLflow",
+    "best": "the winning pair set and the combined recipe",
+    "export": "export a trained student as open_clip weights with a size/speed report",
+    "ui": "open the MLflow UI on 127.0.0.1",
+    "demo": "the whole chain on the built-in data with small settings",
+}
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+def _registrars() -> list[Registrar]:
+    """Modules that contribute subcommands, imported lazily so `--help` stays fast."""
+    return []
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(_: argparse.Namespace) -> int:
+        print(f"conaclip {name}: not built yet in this version", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conaclip",
+        description=(
+            "Distil a large CLIP teacher into a small dual encoder and find, by ablation, "
+            "which ConaCLIP supervision strategies (learning type x strategy) help. "
+            "Every subcommand has --help."
+        ),
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _registrars():
+        register(subparsers)
+    for name, summary in _PLANNED.items():
+        if name in subparsers.choices:
+            continue
+        sub = subparsers.add_parser(name, help=f"{summary} (not built yet)", description=summary)
+        sub.set_defaults(handler=_not_built(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as error:
+        print(f"conaclip: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("conaclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Presets of pair sets that an ablation sweeps, stored as data."""
