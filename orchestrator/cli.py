@@ -33,8 +33,10 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def _registrars() -> list[Registrar]:
-    """Modules that contribute subcommands, imported lazily so `--help` stays fast."""
-    return []
+    """Modules that contribute subcommands."""
+    from orchestrator import data_cli, report_cli, train_cli
+
+    return [data_cli.register, train_cli.register, report_cli.register]
 
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:

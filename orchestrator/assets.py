@@ -1,0 +1,107 @@
+"""Built-in assets on first use: the shapes-world shards, the teacher, the teacher cache.
+
+Each is keyed by what produced it (generator settings; teacher config hash; cache fingerprint),
+so repeated commands reuse them and a changed setting rebuilds only what it affects.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Workspace
+from trainers.run_config import DistillConfig
+
+BUILTIN_TRAIN_SAMPLES = 20_000
+BUILTIN_EVAL_IMAGES = 1_000
+BUILTIN_TEACHER_STEPS = 1200
+
+
+@dataclass
+class Shards:
+    train: str
+    eval: str
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ensure_builtin_data(
+    workspace: Workspace,
+    train_samples: int = BUILTIN_TRAIN_SAMPLES,
+    eval_images: int = BUILTIN_EVAL_IMAGES,
+    seed: int = 0,
+) -> Shards:
+    """The built-in data set's shard patterns, generated under the workspace if missing."""
+    from trainers.synthetic import synthesize
+
+    root = workspace.data_dir / f"shapes-n{train_samples}-e{eval_images}-s{seed}"
+    done = root / "_complete"
+    if not done.is_file():
+        _say(f"generating the built-in data set in {root} (first use)")
+        synthesize(root, train_samples=train_samples, eval_images=eval_images, seed=seed)
+        done.write_text("ok\n")
+    return Shards(train=str(root / "train"), eval=str(root / "eval"))
+
+
+def ensure_builtin_teacher(
+    workspace: Workspace, shards: Shards, steps: int = BUILTIN_TEACHER_STEPS, **overrides: Any
+) -> tuple[str, str, dict[str, Any]]:
+    """(teacher name, checkpoint path, its eval metrics), training it on first use."""
+    from orchestrator.trial import format_progress
+    from trainers.teacher import teacher_config, train_teacher
+
+    cfg = teacher_config(shards.train, shards.eval, steps=steps, **overrides)
+
+    def on_report(metrics: dict[str, Any]) -> None:
+        _say("teacher: " + format_progress(metrics, cfg.steps))
+
+    result = train_teacher(cfg, workspace.teacher_dir, on_report=on_report)
+    if result.reused:
+        _say(f"teacher: reusing {result.checkpoint}")
+    return result.name, str(result.checkpoint), result.metrics
+
+
+def resolve_run(cfg: DistillConfig, workspace: Workspace, use_teacher_cache: bool) -> DistillConfig:
+    """Fill the built-in data, teacher and teacher cache into ``cfg`` where it names none."""
+    updates: dict[str, Any] = {}
+    if not cfg.train_shards or not cfg.eval_shards:
+        shards = ensure_builtin_data(workspace)
+        updates["train_shards"] = cfg.train_shards or shards.train
+        updates["eval_shards"] = cfg.eval_shards or shards.eval
+        cfg = cfg.model_copy(update=updates)
+    if cfg.needs_teacher and cfg.teacher == "conaclip-teacher" and not cfg.teacher_checkpoint:
+        shards = ensure_builtin_data(workspace)
+        _, checkpoint, _ = ensure_builtin_teacher(workspace, shards)
+        cfg = cfg.model_copy(update={"teacher_checkpoint": checkpoint})
+    if cfg.needs_teacher and use_teacher_cache and not cfg.teacher_cache:
+        cache = ensure_teacher_cache(cfg, workspace)
+        cfg = cfg.model_copy(update={"teacher_cache": str(cache)})
+    return cfg
+
+
+def ensure_teacher_cache(cfg: DistillConfig, workspace: Workspace) -> Path:
+    """Build (or reuse) the teacher-embedding cache for cfg's teacher and train shards."""
+    from tqdm import tqdm
+
+    from trainers.teacher_cache import build_teacher_cache
+
+    checkpoint_tag = Path(cfg.teacher_checkpoint).parent.name if cfg.teacher_checkpoint else "init"
+    shard_tag = Path(str(cfg.train_shards)).parent.name or "shards"
+    directory = workspace.cache_dir / f"{cfg.teacher}-{checkpoint_tag}-{shard_tag}"
+    bar = tqdm(total=None, desc="teacher cache (shards)", unit="shard", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    manifest = build_teacher_cache(
+        cfg.teacher, cfg.teacher_checkpoint, cfg.train_shards, directory, progress=progress
+    )
+    bar.close()
+    _say(f"teacher cache: {manifest.samples} samples in {directory}")
+    return directory

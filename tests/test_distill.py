@@ -1,0 +1,206 @@
+"""The distillation loop with an injected report, its checkpoints and resume, and the teacher
+cache against a live teacher forward. Everything runs on real shards and real models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.distill import CHECKPOINT_FILE, _warmup_cosine, train_loop_per_worker
+from trainers.errors import InputError
+from trainers.run_config import load_distill_config
+
+RECALL_KEYS = ("t2i_R1", "t2i_R5", "t2i_R10", "i2t_R1", "i2t_R5", "i2t_R10")
+
+
+def base_config(shapes, teacher, out_dir, **overrides):
+    config = {
+        "pairs": "intra_ts:infonce,inter_ss:kl,intra_ss:sym_kl",
+        "student": "conaclip-student-xs",
+        "teacher": teacher.name,
+        "teacher_checkpoint": str(teacher.checkpoint),
+        "train_shards": str(shapes.out_dir / "train"),
+        "eval_shards": str(shapes.out_dir / "eval"),
+        "steps": 4,
+        "eval_every": 2,
+        "batch_size": 8,
+        "loader_workers": 0,
+        "out_dir": str(out_dir),
+    }
+    config.update(overrides)
+    return config
+
+
+class Recorder:
+    def __init__(self):
+        self.reports: list[tuple[dict, str | None]] = []
+
+    def __call__(self, metrics, checkpoint_dir):
+        self.reports.append((dict(metrics), checkpoint_dir))
+
+
+def test_loop_reports_every_eval_with_metrics_and_checkpoints(tiny_shapes, tiny_teacher, tmp_path):
+    recorder = Recorder()
+    final = train_loop_per_worker(base_config(tiny_shapes, tiny_teacher, tmp_path), recorder)
+    assert [m["step"] for m, _ in recorder.reports] == [2, 4]
+    assert [m["samples_seen"] for m, _ in recorder.reports] == [16, 32]
+    for metrics, checkpoint_dir in recorder.reports:
+        for key in (*RECALL_KEYS, "rsum", "mean_recall", "samples_per_s", "skipped_samples"):
+            assert key in metrics, key
+        for key in ("loss_intra_ts_infonce", "loss_inter_ss_kl", "loss_intra_ss_sym_kl"):
+            assert math.isfinite(metrics[key]) and metrics[key] >= 0
+        # rsum is the sum of the six recalls; mean_recall its mean (percent).
+        assert metrics["rsum"] == pytest.approx(sum(metrics[k] for k in RECALL_KEYS))
+        assert metrics["mean_recall"] == pytest.approx(metrics["rsum"] / 6)
+        assert metrics["skipped_samples"] == 0
+        state = torch.load(f"{checkpoint_dir}/{CHECKPOINT_FILE}", weights_only=True)
+        assert state["step"] == metrics["step"]
+    assert final["step"] == 4
+
+
+def test_total_loss_is_the_weighted_sum_of_pair_losses(tiny_shapes, tiny_teacher, tmp_path):
+    recorder = Recorder()
+    config = base_config(
+        tiny_shapes,
+        tiny_teacher,
+        tmp_path,
+        pairs="intra_ts:infonce*2,inter_ts:sd*0.5",
+        steps=1,
+        eval_every=1,
+    )
+    train_loop_per_worker(config, recorder)
+    metrics = recorder.reports[0][0]
+    expected = 2 * metrics["loss_intra_ts_infonce"] + 0.5 * metrics["loss_inter_ts_sd"]
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_shapes, tiny_teacher, tmp_path):
+    first = Recorder()
+    train_loop_per_worker(base_config(tiny_shapes, tiny_teacher, tmp_path, steps=4), first)
+    # Same run directory, longer schedule: the run resumes at step 4 instead of starting over.
+    second = Recorder()
+    config = base_config(tiny_shapes, tiny_teacher, tmp_path, steps=6)
+    final = train_loop_per_worker(config, second)
+    assert [m["step"] for m, _ in second.reports] == [6]
+    assert final["samples_seen"] == 6 * 8
+    saved = torch.load(f"{first.reports[-1][1]}/{CHECKPOINT_FILE}", weights_only=True)
+    resumed = torch.load(f"{second.reports[-1][1]}/{CHECKPOINT_FILE}", weights_only=True)
+    assert saved["step"] == 4 and resumed["step"] == 6
+    # Progress was kept: the optimiser continued (AdamW step counts add up), not restarted.
+    step_counts = {int(s["step"]) for s in resumed["optimizer"]["state"].values()}
+    assert step_counts == {6}
+
+
+def test_finished_run_resumed_does_no_more_work(tiny_shapes, tiny_teacher, tmp_path):
+    config = base_config(tiny_shapes, tiny_teacher, tmp_path, steps=2, eval_every=2)
+    train_loop_per_worker(config, Recorder())
+    again = Recorder()
+    final = train_loop_per_worker(config, again)
+    assert again.reports == []
+    assert final["step"] == 2
+
+
+def test_invalid_pair_fails_before_any_work(tmp_path):
+    with pytest.raises(InputError, match=r"intra_ss:fd.*valid strategies for intra_ss: sd, kl"):
+        train_loop_per_worker({"pairs": "intra_ss:fd", "out_dir": str(tmp_path)}, Recorder())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_errors_are_one_line_and_name_the_field():
+    with pytest.raises(InputError) as error:
+        load_distill_config({"steps": -3, "bogus": 1}, source="run.yaml")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("run.yaml: ")
+    assert "steps: Input should be greater than 0" in message
+    assert "bogus: unknown field" in message
+
+
+def test_teacher_pairs_without_teacher_are_refused():
+    with pytest.raises(InputError, match="need a teacher"):
+        load_distill_config({"pairs": "intra_ts:sd", "teacher": None})
+
+
+def test_warmup_cosine_schedule_values():
+    factor = _warmup_cosine(warmup=4, total=12)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == pytest.approx(1.0)
+    assert factor(8) == pytest.approx(0.5)  # half-way through the 8 cosine steps
+    assert factor(12) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cached_teacher_embeddings_equal_a_live_forward(
+    tiny_shapes, tiny_teacher, tmp_path, local_ray
+):
+    from trainers.data import iter_samples
+    from trainers.models import load_model
+    from trainers.teacher_cache import build_teacher_cache, cache_shards
+
+    train = str(tiny_shapes.out_dir / "train")
+    manifest = build_teacher_cache(
+        tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "cache"
+    )
+    assert manifest.samples == 600 and manifest.skipped == 0
+    teacher = load_model(tiny_teacher.name, tiny_teacher.checkpoint)
+    teacher.model.eval()
+    shards = cache_shards(tmp_path / "cache", train, teacher)
+    samples = [s for s in iter_samples(shards[:1], ("teacher_image.npy", "teacher_text.npy"))]
+    assert len(samples) == 200
+    picked = samples[::40]
+    images = torch.stack([teacher.preprocess_eval(s.image) for s in picked])
+    tokens = teacher.tokenizer([s.captions[0] for s in picked])
+    with torch.no_grad():
+        live_image = teacher.model.encode_image(images, normalize=True)
+        live_text = teacher.model.encode_text(tokens, normalize=True)
+    cached_image = torch.tensor([s.arrays["teacher_image.npy"] for s in picked])
+    cached_text = torch.tensor([s.arrays["teacher_text.npy"] for s in picked])
+    torch.testing.assert_close(cached_image, live_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached_text, live_text, atol=1e-5, rtol=0)
+    # A second build with the same teacher and shards reuses the cache (same manifest file).
+    mtime = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
+    build_teacher_cache(tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "cache")
+    assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_stale_cache_is_refused(tiny_shapes, tiny_teacher, tmp_path, local_ray):
+    from trainers.models import load_model
+    from trainers.teacher_cache import build_teacher_cache, cache_shards
+
+    train = str(tiny_shapes.out_dir / "train")
+    build_teacher_cache(tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "c")
+    other_teacher = load_model(tiny_teacher.name)  # same architecture, other (random) weights
+    with pytest.raises(InputError, match="built for another teacher"):
+        cache_shards(tmp_path / "c", train, other_teacher)
+
+
+def test_loop_trains_from_the_cache_without_a_teacher_forward(
+    tiny_shapes, tiny_teacher, tmp_path, local_ray, monkeypatch
+):
+    from trainers import distill
+    from trainers.teacher_cache import build_teacher_cache
+
+    train = str(tiny_shapes.out_dir / "train")
+    build_teacher_cache(tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "c")
+    calls = []
+    original = distill.DistillationRun._teacher_embeddings
+
+    def spy(self, batch, images, tokens):
+        calls.append(sorted(k for k in batch if k.startswith("teacher_")))
+        return original(self, batch, images, tokens)
+
+    monkeypatch.setattr(distill.DistillationRun, "_teacher_embeddings", spy)
+    recorder = Recorder()
+    config = base_config(
+        tiny_shapes,
+        tiny_teacher,
+        tmp_path / "run",
+        pairs="intra_ts:sd",
+        teacher_cache=str(tmp_path / "c"),
+        steps=2,
+        eval_every=2,
+    )
+    train_loop_per_worker(config, recorder)
+    assert calls == [["teacher_image", "teacher_text"]] * 2
+    assert recorder.reports[-1][0]["loss_intra_ts_sd"] > 0

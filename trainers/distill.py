@@ -1,0 +1,408 @@
+"""One distillation run: ``train_loop_per_worker`` for a Ray Train ``TorchTrainer``.
+
+The same function runs without Ray when given a ``report(metrics, checkpoint_dir)`` callable
+(unit tests, benchmarks, the bare-loop baseline). It knows nothing of Tune or MLflow. Teacher
+pre-training is this loop with the single pair ``inter_ss:infonce`` and no teacher.
+
+Per step: a batch of N images and captions per worker -> student embeddings (native width for
+student-student types, mapped to the teacher's width for teacher-student types) and teacher
+embeddings (from the teacher-embedding cache, or a live no-grad forward) -> all-gathered to the
+global batch (student side with gradient) -> sum over pairs of weight x interaction_loss.
+Every ``eval_every`` steps: retrieval metrics on the eval shards (rank 0), a checkpoint (model,
+optimiser, scheduler, step, RNG) and one report from every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainers.data import load_eval_set, make_train_loader
+from trainers.errors import InputError
+from trainers.evaluate import evaluate_retrieval
+from trainers.graph import learning_type_spec
+from trainers.losses import interaction_loss
+from trainers.models import DistillStudent, LoadedModel, build_student, embed_dim_of, load_model
+from trainers.run_config import DistillConfig, load_distill_config
+from trainers.teacher_cache import TEACHER_FIELDS, cache_shards
+
+Report = Callable[[dict[str, Any], str | None], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker sits and how it reports; built from Ray Train or for a bare run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Report
+    resume_dir: str | None  # a checkpoint directory to resume from, or None
+    checkpoint_root: Path | None  # bare runs keep checkpoints here; Ray keeps its own
+
+
+def _ray_context() -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = None
+    if checkpoint is not None:
+        # Copy to a local dir that outlives the context manager; checkpoints are small.
+        resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix="conaclip-resume-"))
+    return WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        resume_dir=resume_dir,
+        checkpoint_root=None,
+    )
+
+
+def _bare_context(cfg: DistillConfig, report: Report, resume_from: str | None) -> WorkerContext:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="conaclip-run-")) / "checkpoints"
+    if resume_from is None and root.is_dir():
+        existing = sorted(root.glob("step_*"))
+        resume_from = str(existing[-1]) if existing else None
+    return WorkerContext(0, 1, device, report, resume_from, root)
+
+
+def train_loop_per_worker(
+    config: dict[str, Any], report: Report | None = None, resume_from: str | None = None
+) -> dict[str, Any]:
+    """Run one distillation on this worker. Returns the last reported metrics.
+
+    config: a DistillConfig as a dict. report: None under Ray Train (ray.train.report is used);
+    otherwise called as report(metrics, checkpoint_dir) at each eval. resume_from: a checkpoint
+    directory for bare runs (default: the newest under ``out_dir/checkpoints``).
+    """
+    cfg = load_distill_config(config)
+    context = _ray_context() if report is None else _bare_context(cfg, report, resume_from)
+    return DistillationRun(cfg, context).run()
+
+
+class DistillationRun:
+    """State of one worker's run; ``run()`` reads top to bottom like a recipe."""
+
+    def __init__(self, cfg: DistillConfig, context: WorkerContext) -> None:
+        self.cfg = cfg
+        self.ctx = context
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.teacher: LoadedModel | None = None
+        teacher_dim = None
+        if cfg.needs_teacher:
+            # The teacher is always built (it fixes the width the heads map to); its forward
+            # pass only runs when no cache is given.
+            self.teacher = load_model(cfg.teacher, cfg.teacher_checkpoint, device=context.device)
+            self.teacher.model.eval().requires_grad_(False)
+            teacher_dim = embed_dim_of(self.teacher.model)
+        self.student, self.student_loaded = build_student(
+            cfg.student, teacher_embed_dim=teacher_dim, device=context.device
+        )
+        self.model: nn.Module = self.student
+        if context.world_size > 1:
+            import ray.train.torch
+
+            self.model = ray.train.torch.prepare_model(self.student, move_to_device=False)
+        self.optimizer = _adamw(self.student, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps)
+        )
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped = 0
+        self.last_metrics: dict[str, Any] = {}
+        if context.resume_dir:
+            self._load_checkpoint(Path(context.resume_dir))
+        self.use_cache = cfg.needs_teacher and cfg.teacher_cache is not None
+        if cfg.needs_teacher and not self.use_cache:
+            self._check_live_teacher_inputs()
+
+    # ----------------------------------------------------------------------------- the recipe
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        eval_set = self._load_eval_set() if ctx.rank == 0 else None
+        batches = self._batches()
+        self.model.train()
+        train_seconds, window_samples = 0.0, 0
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            batch = next(batches)
+            losses = self._train_step(batch)
+            train_seconds += time.perf_counter() - started
+            window_samples += batch["image"].shape[0] * ctx.world_size
+            self.step += 1
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                throughput = window_samples / max(train_seconds, 1e-9)
+                self._report(losses, throughput, eval_set)
+                train_seconds, window_samples = 0.0, 0
+        return self.last_metrics
+
+    # ------------------------------------------------------------------------------ one step
+    def _train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg, device = self.cfg, self.ctx.device
+        images = batch["image"].to(device, non_blocking=True)
+        tokens = batch["text"].to(device, non_blocking=True)
+        self.skipped += int(batch.get("skipped", 0))
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.amp and device.type == "cuda"
+            else nullcontext()
+        )
+        with autocast:
+            student = self.model(images, tokens)
+            teacher = self._teacher_embeddings(batch, images, tokens)
+            native = {"SI": student["image"], "ST": student["text"]}
+            mapped = {"SI": student["image_to_teacher"], "ST": student["text_to_teacher"]}
+            if cfg.global_batch and self.ctx.world_size > 1:
+                native = {k: _gather_with_grad(v) for k, v in native.items()}
+                mapped = {k: _gather_with_grad(v) for k, v in mapped.items()}
+                teacher = {k: _gather_no_grad(v) for k, v in teacher.items()}
+            total = torch.zeros((), device=device)
+            losses: dict[str, float] = {}
+            learnable_t = 1.0 / self.student.logit_scale.exp()
+            for pair in cfg.pairs:
+                students = (
+                    mapped if learning_type_spec(pair.learning_type).involves_teacher else native
+                )
+                temperature = pair.temperature if pair.temperature is not None else learnable_t
+                value = interaction_loss(
+                    {**teacher, **students}, pair.learning_type, pair.strategy, temperature
+                )
+                total = total + pair.weight * value.float()
+                losses[pair.metric_name] = value.item()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} at step {self.step}: {losses}")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.samples_seen += images.shape[0] * self.ctx.world_size
+        losses["loss"] = total.item()
+        return losses
+
+    def _teacher_embeddings(
+        self, batch: dict[str, Any], images: Tensor, tokens: Tensor
+    ) -> dict[str, Tensor]:
+        if not self.cfg.needs_teacher:
+            return {}
+        device = self.ctx.device
+        if self.use_cache:
+            image, text = (batch[name].to(device).float() for name in TEACHER_FIELDS)
+        else:
+            with torch.no_grad():
+                image = self.teacher.model.encode_image(images, normalize=True)
+                text = self.teacher.model.encode_text(tokens, normalize=True)
+        return {"TI": image.detach(), "TT": text.detach()}
+
+    # ----------------------------------------------------------------------- data and eval
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        shards = cfg.train_shards
+        extra: tuple[str, ...] = ()
+        if self.use_cache:
+            shards = cache_shards(cfg.teacher_cache, cfg.train_shards, self.teacher)
+            extra = tuple(f"{name}.npy" for name in TEACHER_FIELDS)
+        # Cached teacher embeddings belong to un-augmented images, so augmentation is off then.
+        preprocess = (
+            self.student_loaded.preprocess_eval
+            if self.use_cache
+            else self.student_loaded.preprocess_train
+        )
+        remaining = cfg.steps - self.step
+        # A resumed run draws fresh samples instead of replaying the ones it already saw.
+        loader = make_train_loader(
+            shards,
+            preprocess=preprocess,
+            tokenizer=self.student_loaded.tokenizer,
+            batch_size=cfg.batch_size,
+            samples_per_epoch=remaining * cfg.batch_size * self.ctx.world_size,
+            seed=cfg.seed * 1_000_003 + self.step,
+            num_workers=cfg.loader_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            extra_fields=extra,
+        )
+        while True:  # the epoch is sized to the run; wrap around only if a loader falls short
+            yielded = False
+            for batch in loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise InputError(f"train_shards: no sample could be read from {shards!r}")
+
+    def _load_eval_set(self):
+        if not self.cfg.eval_shards:
+            return None
+        loaded = self.student_loaded
+        return load_eval_set(self.cfg.eval_shards, loaded.preprocess_eval, loaded.tokenizer)
+
+    def _evaluate(self, eval_set) -> dict[str, float]:
+        if eval_set is None:
+            return {}
+        student = self.student
+        student.eval()
+        try:
+            return evaluate_retrieval(
+                lambda x: student.clip.encode_image(x, normalize=True),
+                lambda t: student.clip.encode_text(t, normalize=True),
+                eval_set.images,
+                eval_set.tokens,
+                eval_set.text_to_image,
+                batch_size=self.cfg.eval_batch_size,
+                device=self.ctx.device,
+            )
+        finally:
+            student.train()
+
+    def _check_live_teacher_inputs(self) -> None:
+        teacher, student = self.teacher.model, self.student.clip
+        t_size = getattr(teacher.visual, "image_size", None)
+        s_size = getattr(student.visual, "image_size", None)
+        t_ctx, s_ctx = teacher.context_length, student.context_length
+        if t_size != s_size or t_ctx != s_ctx:
+            raise InputError(
+                f"teacher {self.cfg.teacher} (image {t_size}, context {t_ctx}) and student "
+                f"{self.cfg.student} (image {s_size}, context {s_ctx}) need different inputs: "
+                "use the teacher cache (teacher_cache), which encodes with the teacher's own "
+                "preprocessing"
+            )
+
+    # ---------------------------------------------------------------- reports, checkpoints
+    def _report(self, losses: dict[str, float], throughput: float, eval_set) -> None:
+        skipped = self.skipped
+        if self.ctx.world_size > 1 and dist.is_initialized():
+            count = torch.tensor([skipped], dtype=torch.long, device=self.ctx.device)
+            dist.all_reduce(count)
+            skipped = int(count.item())
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            **losses,
+            "samples_per_s": throughput,
+            "skipped_samples": skipped,
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": self.student.logit_scale.exp().item(),
+        }
+        if self.ctx.rank == 0:
+            metrics.update(self._evaluate(eval_set))
+        self.last_metrics = metrics
+        if self.ctx.rank != 0:
+            self.ctx.report(metrics, None)
+            return
+        if self.ctx.checkpoint_root is not None:
+            directory = self.ctx.checkpoint_root / f"step_{self.step:08d}"
+            self._save_checkpoint(directory, metrics)
+            self.ctx.report(metrics, str(directory))
+            return
+        with tempfile.TemporaryDirectory(prefix="conaclip-ckpt-") as directory:
+            self._save_checkpoint(Path(directory), metrics)
+            self.ctx.report(metrics, directory)
+
+    def _save_checkpoint(self, directory: Path, metrics: dict[str, Any]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped": self.skipped,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "student_name": self.cfg.student,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        }
+        # Write then rename: a crash mid-write never leaves a truncated checkpoint behind.
+        partial = directory / (CHECKPOINT_FILE + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, directory / CHECKPOINT_FILE)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        path = directory / CHECKPOINT_FILE
+        if not path.is_file():
+            raise InputError(f"{path}: no {CHECKPOINT_FILE} in the checkpoint to resume from")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped = int(state["skipped"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_random_state(state["python_rng"]))
+        self.last_metrics = dict(state.get("metrics", {}))
+
+
+def _as_random_state(value: Any) -> tuple:
+    # torch.save turns the state's inner tuple into a list on some paths; random wants tuples.
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def _adamw(model: DistillStudent, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without decay on gains, biases, embeddings and the logit scale (as open_clip)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(param)
+    groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _gather_with_grad(tensor: Tensor) -> Tensor:
+    """All ranks' rows, in rank order; gradient flows back to every rank's own rows."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def _gather_no_grad(tensor: Tensor) -> Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)

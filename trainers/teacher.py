@@ -1,0 +1,124 @@
+"""Pre-train the built-in teacher with the plain CLIP loss on shards.
+
+This is the distillation loop with the single pair ``inter_ss:infonce`` and no teacher (no fork
+of the loop). The result is cached by a hash of its configuration and shards: a second
+``make demo`` finds ``<cache_root>/<name>-<hash>/`` and skips training. Real users skip this
+step and pass ``--teacher NAME --teacher-checkpoint FILE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.distill import CHECKPOINT_FILE, train_loop_per_worker
+from trainers.errors import InputError
+from trainers.models import build_student, export_student
+from trainers.run_config import DistillConfig
+
+RESULT_FILE = "teacher.json"
+
+
+@dataclass
+class TeacherResult:
+    name: str  # open_clip model name of the architecture
+    checkpoint: Path  # open_clip-loadable state dict
+    metrics: dict[str, Any]  # the last eval report (recall of the teacher)
+    reused: bool  # True when a cached result was found
+
+
+def teacher_config(
+    train_shards: str,
+    eval_shards: str,
+    name: str = "conaclip-teacher",
+    steps: int = 1200,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int | None = None,
+    **overrides: Any,
+) -> DistillConfig:
+    """The DistillConfig that pre-trains ``name`` from scratch with the CLIP loss."""
+    return DistillConfig(
+        pairs="inter_ss:infonce",
+        student=name,
+        teacher=None,
+        train_shards=train_shards,
+        eval_shards=eval_shards,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every or steps,
+        warmup_steps=min(100, steps // 10),
+        **overrides,
+    )
+
+
+def config_hash(cfg: DistillConfig) -> str:
+    """Stable hash of everything that changes the trained weights (not where outputs go)."""
+    from trainers.data import expand_urls
+
+    fields = cfg.model_dump(mode="json", exclude={"out_dir", "torch_threads", "loader_workers"})
+    fields["train_shards"] = [_identity(p) for p in expand_urls(cfg.train_shards)]
+    fields["eval_shards"] = [_identity(p) for p in expand_urls(cfg.eval_shards)]
+    text = json.dumps(fields, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _identity(path: str) -> str:
+    if os.path.exists(path):
+        stat = os.stat(path)
+        return f"{os.path.basename(path)}:{stat.st_size}"
+    return path
+
+
+def train_teacher(
+    cfg: DistillConfig,
+    cache_root: str | Path,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
+    force: bool = False,
+) -> TeacherResult:
+    """Train (or reuse) the teacher described by ``cfg``; returns where its weights are.
+
+    Runs in this process without Ray (one CPU process is the fastest way to train a model this
+    small here). Checkpoints go under the result directory, so an interrupted training resumes
+    from its last eval on the next call.
+    """
+    if cfg.needs_teacher or [p.pair for p in cfg.pairs] != ["inter_ss:infonce"]:
+        raise InputError("teacher pre-training uses exactly the pair inter_ss:infonce")
+    directory = Path(cache_root) / f"{cfg.student}-{config_hash(cfg)}"
+    result_path = directory / RESULT_FILE
+    if result_path.is_file() and not force:
+        saved = json.loads(result_path.read_text())
+        checkpoint = directory / saved["checkpoint"]
+        if checkpoint.is_file():
+            return TeacherResult(cfg.student, checkpoint, saved["metrics"], reused=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    run_cfg = cfg.model_copy(update={"out_dir": str(directory)})
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if on_report:
+            on_report(metrics)
+
+    metrics = train_loop_per_worker(run_cfg.model_dump(mode="json"), report=report)
+    latest = sorted((directory / "checkpoints").glob("step_*"))[-1] / CHECKPOINT_FILE
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    student, _ = build_student(cfg.student, teacher_embed_dim=None)
+    student.load_state_dict(state["student"])
+    weights = export_student(student, directory, cfg.student)
+    final = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    result_path.write_text(
+        json.dumps(
+            {"checkpoint": weights.name, "metrics": final, "config": cfg.model_dump(mode="json")},
+            indent=2,
+        )
+    )
+    return TeacherResult(cfg.student, weights, final, reused=False)
