@@ -34,9 +34,15 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 def _registrars() -> list[Registrar]:
     """Modules that contribute subcommands."""
-    from orchestrator import data_cli, report_cli, train_cli
+    from orchestrator import ablate_cli, data_cli, export_cli, report_cli, train_cli
 
-    return [data_cli.register, train_cli.register, report_cli.register]
+    return [
+        data_cli.register,
+        train_cli.register,
+        ablate_cli.register,
+        report_cli.register,
+        export_cli.register,
+    ]
 
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:

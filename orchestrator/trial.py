@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainers.distill import train_loop_per_worker
 from trainers.run_config import DistillConfig
 
 PROGRESS_KEYS = ("step", "loss", "rsum", "t2i_R1", "i2t_R1", "samples_per_s", "skipped_samples")
@@ -82,7 +81,7 @@ def make_torch_trainer(
     callbacks: list | None = None,
     progress: bool = True,
     history_file: Path | None = None,
-    train_loop: Callable[[dict[str, Any]], Any] = train_loop_per_worker,
+    train_loop: Callable[[dict[str, Any]], Any] | None = None,
 ):
     """A TorchTrainer that runs ``train_loop_per_worker`` with ``cfg`` on ``scaling`` workers.
 
@@ -93,11 +92,13 @@ def make_torch_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from trainers.distill import train_loop_per_worker
+
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))
     return TorchTrainer(
-        train_loop,
+        train_loop or train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
@@ -125,3 +126,31 @@ def fit_or_raise(trainer) -> Any:
         summary = message[-1] if message else repr(error)
         print(f"conaclip: training failed: {summary}", file=sys.stderr)
         raise
+
+
+def distill_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one (pair set, seed) as one TorchTrainer run.
+
+    config (from the ablation's param space): ``pair_set`` and ``seed`` (grid axes),
+    ``pair_sets`` (name -> pair dicts), ``run`` (the DistillConfig template), ``scaling``,
+    ``train_storage``. The Train run is named after the Tune trial id, which survives
+    ``Tuner.restore``: a restored trial finds its Train run's checkpoints and resumes there.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.run_config import load_distill_config
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    run = {**config["run"], "pairs": config["pair_sets"][config["pair_set"]]}
+    run["seed"] = config["seed"]
+    cfg = load_distill_config(run, source=f"trial {config['pair_set']} seed {config['seed']}")
+    trainer = make_torch_trainer(
+        cfg,
+        ScalingSpec(**config["scaling"]),
+        run_name=f"trial-{trial_id}",
+        storage_path=config["train_storage"],
+        callbacks=[TuneReportCallback()],
+        progress=False,
+    )
+    trainer.fit()

@@ -1,0 +1,248 @@
+"""The ablation: one Ray Tune trial per (pair set, seed), each a Ray Train run, logged to MLflow.
+
+The search space is a Tune grid over pair-set names and seeds; the pair sets themselves come
+from a preset (``search_spaces``) or the user, validated against ``trainers.graph`` before
+anything starts, so an invalid pair never reaches a trial. Tune runs as many trials at once as
+the cluster's free resources hold (``max_concurrent_trials``), so one command fills a laptop or
+a large cluster. Trial errors do not stop the others: ``Tuner.fit`` returns a ResultGrid, and
+``AblationOutcome.failed`` names each failed trial and where its error is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.trial import ScalingSpec, distill_trial
+from search_spaces.presets import PairSet, pair_text
+from trainers.errors import InputError
+from trainers.run_config import DistillConfig
+
+Scheduler = Literal["fifo", "asha"]
+TRIAL_DRIVER_MEMORY = 64 * 1024 * 1024  # bytes of Ray's logical memory resource
+
+
+class AblationSpec(BaseModel):
+    """Everything an ablation needs; stored beside Tune's state for ``--resume``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="ablation id: Tune run name and MLflow experiment")
+    preset: str
+    pair_sets: dict[str, list[dict[str, Any]]]  # name -> PairConfig dicts, in sweep order
+    baseline: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    run: DistillConfig
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    scheduler: Scheduler = "fifo"
+    out_dir: str
+    tracking_uri: str
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    round: int | None = None  # greedy rounds
+
+    @property
+    def tune_dir(self) -> Path:
+        return Path(self.out_dir).resolve() / "tune"
+
+    @property
+    def train_storage(self) -> Path:
+        return Path(self.out_dir).resolve() / "train_runs"
+
+    @property
+    def trial_count(self) -> int:
+        return len(self.pair_sets) * len(self.seeds)
+
+
+def default_name(preset: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', preset)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def pair_sets_payload(pair_sets: list[PairSet]) -> dict[str, list[dict[str, Any]]]:
+    names = [ps.name for ps in pair_sets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"pair sets: each name must be unique, repeated: {', '.join(duplicates)}")
+    return {ps.name: [p.model_dump(mode="json") for p in ps.pairs] for ps in pair_sets}
+
+
+def param_space(spec: AblationSpec) -> dict[str, Any]:
+    """Tune's search space: a grid over pair-set names x seeds, constants beside it."""
+    from ray import tune
+
+    run = spec.run.model_dump(mode="json")
+    run["torch_threads"] = run.get("torch_threads") or max(1, int(spec.scaling.cpus_per_worker))
+    return {
+        "pair_set": tune.grid_search(list(spec.pair_sets)),
+        "seed": tune.grid_search(list(spec.seeds)),
+        "baseline": spec.baseline,
+        "pair_sets": spec.pair_sets,
+        "run": run,
+        "scaling": spec.scaling.model_dump(mode="json"),
+        "train_storage": str(spec.train_storage),
+    }
+
+
+def expand_trials(spec: AblationSpec) -> list[dict[str, Any]]:
+    """The trial list exactly as Tune's own variant generator expands the grid."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    trials = []
+    for _, variant in generate_variants(param_space(spec)):
+        pairs = variant["pair_sets"][variant["pair_set"]]
+        trials.append(
+            {
+                "pair_set": variant["pair_set"],
+                "seed": variant["seed"],
+                "pairs": ",".join(pair_text(_pair(p)) for p in pairs),
+                "steps": spec.run.steps,
+            }
+        )
+    return trials
+
+
+def _pair(data: dict[str, Any]):
+    from trainers.run_config import PairConfig
+
+    return PairConfig(**data)
+
+
+def max_concurrent(spec: AblationSpec) -> int:
+    """Trials that fit the cluster's free resources at once (at least one)."""
+    import ray
+
+    free = ray.available_resources()
+    need = spec.scaling.trial_resources()
+    fits = [math.floor(free.get(key, 0.0) / value) for key, value in need.items() if value > 0]
+    if spec.max_concurrent_trials:
+        fits.append(spec.max_concurrent_trials)
+    return max(1, min(fits) if fits else 1)
+
+
+@dataclass
+class TrialOutcome:
+    pair_set: str
+    seed: int
+    status: str
+    path: str
+    error: str | None = None
+
+
+@dataclass
+class AblationOutcome:
+    name: str
+    trials: list[TrialOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [t for t in self.trials if t.status != "FINISHED"]
+
+
+def _params_of(spec: AblationSpec) -> dict[str, dict[str, Any]]:
+    params = {}
+    for name, pairs in spec.pair_sets.items():
+        key = PairSet(name=name, pairs=tuple(_pair(p) for p in pairs)).key()
+        params[name] = {
+            "pairs": key,
+            "pair_set": name,
+            "student": spec.run.student,
+            "teacher": spec.run.teacher or "",
+            "teacher_checkpoint": spec.run.teacher_checkpoint or "",
+            "teacher_cache": spec.run.teacher_cache or "",
+            "steps": spec.run.steps,
+            "batch_size": spec.run.batch_size,
+            "num_workers": spec.scaling.num_workers,
+        }
+    return params
+
+
+def _tuner(spec: AblationSpec, resume: bool):
+    from ray import tune
+
+    from orchestrator.mlflow_logger import MlflowTrialLogger
+
+    # The trial function only drives its Train run, so it must not hold a CPU that a Train
+    # worker could use; Tune refuses an empty request, and a token of memory holds nothing back.
+    trainable = tune.with_resources(distill_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    path = spec.tune_dir / spec.name
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise InputError(f"--resume: no ablation state at {path}; nothing to resume")
+        return tune.Tuner.restore(
+            str(path),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
+    tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.name}
+    if spec.round is not None:
+        tags["conaclip.round"] = str(spec.round)
+    logger = MlflowTrialLogger(spec.tracking_uri, spec.name, tags, _params_of(spec))
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        reports = max(1, math.ceil(spec.run.steps / spec.run.eval_every))
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric="rsum",
+            mode="max",
+            scheduler=scheduler,
+            max_concurrent_trials=max_concurrent(spec),
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(spec.tune_dir),
+            callbacks=[logger],
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def save_spec(spec: AblationSpec) -> Path:
+    path = spec.tune_dir / f"{spec.name}.spec.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.model_dump_json(indent=2))
+    return path
+
+
+def load_spec(out_dir: str | Path, name: str | None) -> AblationSpec:
+    """The spec of ablation ``name`` under ``out_dir`` (newest when None), for --resume."""
+    tune_dir = Path(out_dir).resolve() / "tune"
+    specs = sorted(tune_dir.glob("*.spec.json"), key=lambda p: p.stat().st_mtime)
+    if name is not None:
+        specs = [p for p in specs if p.name == f"{name}.spec.json"]
+    if not specs:
+        raise InputError(f"--resume: no ablation{f' named {name}' if name else ''} in {tune_dir}")
+    return AblationSpec.model_validate_json(specs[-1].read_text())
+
+
+def run_ablation(spec: AblationSpec, resume: bool = False) -> AblationOutcome:
+    """Fit (or restore and finish) the ablation; never raises on trial errors."""
+    save_spec(spec)
+    results = _tuner(spec, resume).fit()
+    outcome = AblationOutcome(spec.name)
+    for result in results:
+        config = result.config or {}
+        status = "FAILED" if result.error else "FINISHED"
+        error = None
+        if result.error:
+            error = f"{type(result.error).__name__}; details in {result.path}/error.txt"
+        outcome.trials.append(
+            TrialOutcome(
+                config.get("pair_set", "?"), config.get("seed", -1), status, str(result.path), error
+            )
+        )
+    return outcome

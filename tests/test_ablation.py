@@ -1,0 +1,181 @@
+"""The ablation end to end on a real local Ray cluster and a real SQLite MLflow store, and the
+CLI's handling of bad input before anything starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+
+
+def data_flags(shapes, teacher, home):
+    return [
+        "--train-shards", str(shapes.out_dir / "train"),
+        "--eval-shards", str(shapes.out_dir / "eval"),
+        "--teacher-checkpoint", str(teacher.checkpoint),
+        "--home", str(home),
+    ]  # fmt: skip
+
+
+def finished_runs(uri: str, experiment: str):
+    from orchestrator import tracking
+
+    frame = tracking.runs_frame(uri, experiment)
+    return frame
+
+
+def test_invalid_pair_is_one_line_exit_2(capsys):
+    code = main(["ablate", "--pairs", "intra_ts:infonce;intra_ss:fd", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "intra_ss:fd" in err and "valid strategies for intra_ss: sd, kl, sym_sd, sym_kl" in err
+
+
+def test_dry_run_lists_tunes_expansion(capsys):
+    assert main(["ablate", "--preset", "single_additions", "--seeds", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("40 trials (20 pair sets x 2 seeds), 300 steps each = 12000")
+    assert len(out) == 41
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(capsys, tmp_path):
+    code = main(["ablate", "--preset", "smoke", "--out", str(tmp_path),
+                 "--tracking-uri", "http://127.0.0.1:9"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("conaclip: error: MLflow server at http://127.0.0.1:9 is not reachable")
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.integration
+def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path, capsys):
+    out = tmp_path / "ablate"
+    flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
+    code = main(["ablate", "--preset", "smoke", "--out", str(out), "--name", "smoke-e2e", *flags])
+    assert code == 0
+    uri = f"sqlite:///{out}/mlruns.db"
+    runs = finished_runs(uri, "smoke-e2e")
+    assert len(runs) == 3
+    assert set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
+    assert sorted(runs["params.pair_set"]) == [
+        "baseline", "baseline+inter_ts:sym_kl", "baseline+intra_ts:sd"
+    ]  # fmt: skip
+    assert set(runs["params.steps"]) == {"6"}
+    assert (runs["metrics.step"] == 6).all()
+    capsys.readouterr()
+
+    assert main(["table", "--out", str(out), "--experiment", "smoke-e2e"]) == 0
+    table_text = capsys.readouterr().out
+    reports = out / "reports" / "smoke-e2e"
+    assert (reports / "heatmap.png").stat().st_size > 1000
+    for name in ("baseline", "baseline+intra_ts:sd", "baseline+inter_ts:sym_kl"):
+        assert name in table_text
+
+    assert main(["best", "--out", str(out), "--experiment", "smoke-e2e"]) == 0
+    best_text = capsys.readouterr().out
+    assert best_text.startswith("best pair set by rsum: ")
+    assert (reports / "recipe.yaml").is_file()
+
+    # The exported student of the best run loads back through open_clip.
+    run_id = runs.sort_values("metrics.rsum").iloc[-1]["run_id"]
+    export_dir = tmp_path / "export"
+    assert main(["export", "--run", run_id, "--ablation-out", str(out),
+                 "--out", str(export_dir), "--name", "best-student"]) == 0  # fmt: skip
+    assert (export_dir / "best-student.pt").is_file()
+    report = json.loads((export_dir / "best-student.report.json").read_text())
+    assert report["recall"]["rsum"] == pytest.approx(runs.sort_values("metrics.rsum").iloc[-1][
+        "metrics.rsum"])  # fmt: skip
+    assert report["student"]["params_total"] < report["teacher"]["params_total"]
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
+    """SIGKILL the ablation driver after one trial finished; --resume finishes the rest and
+    MLflow ends with exactly one FINISHED run per trial."""
+    out = tmp_path / "ablate"
+    flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
+    command = [sys.executable, "-m", "orchestrator.cli", "ablate", "--preset", "smoke",
+               "--out", str(out), "--name", "killed", "--steps", "12", "--eval-every", "3",
+               "--max-concurrent-trials", "1", *flags]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    uri = f"sqlite:///{out}/mlruns.db"
+    deadline = time.time() + 420
+    children: list[int] = []
+    try:
+        while time.time() < deadline:
+            time.sleep(2)
+            children = sorted(set(children) | set(_descendants(driver.pid)))
+            if driver.poll() is not None:
+                pytest.fail(f"driver ended (rc {driver.returncode}) before it could be killed")
+            if not (out / "mlruns.db").exists():
+                continue
+            try:
+                runs = finished_runs(uri, "killed")
+            except Exception:  # the experiment may not exist yet
+                continue
+            if (runs["tags.conaclip.status"] == "FINISHED").sum() >= 1:
+                break
+        else:
+            pytest.fail("no trial finished in time")
+        children = sorted(set(children) | set(_descendants(driver.pid)))
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        # The driver's own local Ray cluster: end exactly those processes, by PID.
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    done_before = set(runs.loc[runs["tags.conaclip.status"] == "FINISHED", "run_id"])
+
+    resume = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "ablate", "--resume", "--out", str(out),
+         "--name", "killed"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    runs = finished_runs(uri, "killed")
+    assert len(runs) == 3
+    assert list(runs["tags.conaclip.status"]) == ["FINISHED"] * 3
+    assert (runs["metrics.step"] == 12).all()
+    assert done_before <= set(runs["run_id"])
+
+
+@pytest.mark.integration
+def test_train_command_two_workers_improves(tiny_shapes, tiny_teacher, local_ray, tmp_path):
+    out = tmp_path / "train"
+    flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
+    code = main(["train", "--pairs", "inter_ss:infonce,intra_ts:infonce", "--workers", "2",
+                 "--student", "conaclip-student-xs", "--steps", "40", "--eval-every", "10",
+                 "--batch-size", "16", "--out", str(out), *flags])  # fmt: skip
+    assert code == 0
+    history = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().split(
+        "\n") if line]  # fmt: skip
+    assert [h["step"] for h in history] == [10, 20, 30, 40]
+    assert [h["samples_seen"] for h in history] == [320, 640, 960, 1280]
+    assert history[-1]["rsum"] > history[0]["rsum"]
+    summary = json.loads((out / "train" / "metrics.json").read_text())
+    assert summary["metrics"]["step"] == 40
+    assert Path(summary["checkpoint"]).is_dir()

@@ -1,0 +1,80 @@
+"""Malformed YAML configs always give one line naming the field, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.cli import main
+
+GOOD = {"steps": 10, "batch_size": 8, "student": "conaclip-student-xs", "workers": 1}
+
+wrong_values = st.one_of(
+    st.tuples(st.sampled_from(["steps", "batch_size", "eval_every"]),
+              st.one_of(st.integers(max_value=0), st.text(min_size=1, max_size=8),
+                        st.lists(st.integers(), max_size=2))),
+    st.tuples(st.sampled_from(["lr", "weight_decay"]), st.floats(max_value=-1e-9)),
+    st.tuples(st.sampled_from(["pairs"]),
+              st.sampled_from(["intra_ss:infonce", "inter_ss:sym_kl", "intra_xx:sd",
+                               "intra_ts:mse", "intra_ts", "intra_ts:sd,intra_ts:sd"])),
+    st.tuples(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12)
+              .filter(lambda k: k not in _KNOWN), st.integers()),
+    st.tuples(st.sampled_from(["workers"]), st.integers(max_value=0)),
+)  # fmt: skip
+
+
+def _known() -> set[str]:
+    from orchestrator.trial import ScalingSpec
+    from trainers.run_config import DistillConfig
+
+    return set(DistillConfig.model_fields) | set(ScalingSpec.model_fields) | {
+        "workers", "use_teacher_cache", "preset", "baseline", "seeds", "scheduler"
+    }  # fmt: skip
+
+
+_KNOWN = _known()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(wrong=wrong_values)
+def test_malformed_config_is_one_line_exit_2(wrong, tmp_path, capsys):
+    field, value = wrong
+    path = tmp_path / f"{uuid.uuid4().hex}.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, field: value}))
+    code = main(["ablate", "--config", str(path), "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert str(path) in lines[0]
+    named = field if field != "workers" else "num_workers"
+    assert named in lines[0] or field in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("steps: [1, 2\n", "line 2"),  # unclosed flow sequence
+        ("- just\n- a list\n", "expected a mapping"),
+        ("steps: 10\n  bad: indent\n", "not valid YAML"),
+    ],
+)
+def test_broken_yaml_names_the_file(text, expected, tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    assert main(["ablate", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(path) in err and expected in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
