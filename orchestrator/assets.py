@@ -14,9 +14,9 @@ from typing import Any
 from orchestrator.config import Workspace
 from trainers.run_config import DistillConfig
 
-BUILTIN_TRAIN_SAMPLES = 20_000
+BUILTIN_TRAIN_SAMPLES = 12_000
 BUILTIN_EVAL_IMAGES = 1_000
-BUILTIN_TEACHER_STEPS = 1200
+BUILTIN_TEACHER_STEPS = 300
 
 
 @dataclass
