@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -252,9 +253,13 @@ class DistillationRun:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             extra_fields=extra,
+            resampled=cfg.resampled,
         )
+        epoch = 0
         while True:  # the epoch is sized to the run; wrap around only if a loader falls short
             yielded = False
+            loader.set_epoch(epoch)
+            epoch += 1
             for batch in loader:
                 yielded = True
                 yield batch
@@ -352,7 +357,11 @@ class DistillationRun:
         path = directory / CHECKPOINT_FILE
         if not path.is_file():
             raise InputError(f"{path}: no {CHECKPOINT_FILE} in the checkpoint to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise InputError(f"{path}: refused, not a plain checkpoint ({reason})") from None
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

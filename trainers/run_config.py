@@ -103,6 +103,10 @@ class DistillConfig(BaseModel):
     seed: int = 0
     loader_workers: int = Field(default=1, ge=0, description="DataLoader processes per worker")
     shuffle_buffer: int = Field(default=1000, ge=0)
+    resampled: bool = Field(
+        default=True,
+        description="draw shards with replacement (fixed epoch; DDP-safe); False = plain passes",
+    )
     global_batch: bool = Field(
         default=True, description="similarity matrices over the all-gathered global batch"
     )

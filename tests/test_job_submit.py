@@ -1,0 +1,104 @@
+"""`ray job submit --working-dir . -- conaclip ablate ...` against a real head started with
+`ray start --head` on free loopback ports; the head is ended by its own process group and PIDs,
+never `ray stop`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_for_dashboard(url: str, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered (401 when the token is required)
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"Ray dashboard at {url} did not come up in {timeout_s} s")
+
+
+@pytest.mark.integration
+def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
+    from orchestrator import tracking
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1],
+         "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    started: list[int] = []
+    try:
+        _wait_for_dashboard(dashboard, 120)
+        started = _descendants(head.pid)
+        out = tmp_path / "ablate"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", dashboard,
+             "--working-dir", str(REPO), "--",
+             "conaclip", "ablate", "--preset", "smoke", "--name", "job-smoke", "--out", str(out),
+             "--address", "auto", "--home", str(tmp_path / "home"),
+             "--train-shards", str(tiny_shapes.out_dir / "train"),
+             "--eval-shards", str(tiny_shapes.out_dir / "eval"),
+             "--teacher-checkpoint", str(tiny_teacher.checkpoint)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout
+        runs = tracking.runs_frame(f"sqlite:///{out}/mlruns.db", "job-smoke")
+        assert len(runs) == 3
+        assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
+    finally:
+        started = sorted(set(started) | set(_descendants(head.pid)))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
