@@ -44,7 +44,7 @@ def main() -> None:
     workspace = Workspace()
     shards = ensure_builtin_data(workspace)
     teacher, checkpoint, teacher_metrics = ensure_builtin_teacher(workspace, shards)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = [{"model": teacher, "training": "teacher (CLIP loss)", **teacher_metrics}]
     for student in args.students.split(","):
         for label, pairs in (("no distillation: inter_ss:infonce", "inter_ss:infonce"),

@@ -62,7 +62,7 @@ def main() -> None:
         train_shards=shards.train, eval_shards="", steps=args.steps, eval_every=args.steps,
         batch_size=args.batch_size, torch_threads=2, loader_workers=1,
     )  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cached = base.model_copy(update={"teacher_cache": str(ensure_teacher_cache(base, workspace))})
     rows = []
     for label, run in (("bare loop, live teacher", lambda: bare(base)),

@@ -17,11 +17,11 @@ from orchestrator.ablation import (
     load_spec,
     pair_sets_payload,
     run_ablation,
+    run_greedy,
 )
 from orchestrator.assets import resolve_run
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.train_cli import add_shared_flags, init_ray, workspace_of
-from trainers.errors import InputError
 
 DEFAULT_OUT = Path("runs/ablate")
 
@@ -40,9 +40,6 @@ def _pair_sets(args: argparse.Namespace, file_values: dict[str, Any]):
         sets = pair_sets_from_yaml(args.config)
         return file_values.get("preset", "custom"), sets, file_values.get("baseline"), {}
     preset = load_preset(args.preset or file_values.get("preset", "smoke"))
-    if preset.kind == "greedy":
-        raise InputError("--preset greedy: run it with `conaclip ablate --preset greedy` "
-                         "(rounds are driven by ablate_greedy)")  # fmt: skip
     baseline = preset.baseline.name if preset.baseline is not None else None
     return preset.name, list(preset.pair_sets), baseline, dict(preset.settings)
 
@@ -128,10 +125,19 @@ def _ablate(args: argparse.Namespace) -> int:
         print_trials(spec)
         return 0
     tracking.check_tracking_uri(spec.tracking_uri)
-    init_ray(args.address)
+    # Tune's status table is the progress; per-worker logs would drown it.
+    init_ray(args.address, log_to_driver=False)
     if not args.resume:
         resolved = resolve_run(spec.run, workspace_of(args), use_cache)
         spec = spec.model_copy(update={"run": resolved})
+    if spec.preset == "greedy" and not args.resume:
+        from search_spaces.presets import baseline_pair_set
+
+        _say(f"greedy ablation {spec.name}: round 1 has {spec.trial_count} trials")
+        outcome = run_greedy(spec, baseline_pair_set())
+        code = summarize(outcome, spec)
+        print(f"greedy selection: {outcome.final.key() if outcome.final else '-'}")
+        return code
     _say(f"ablation {spec.name}: {spec.trial_count} trials -> {spec.out_dir}")
     outcome = run_ablation(spec, resume=args.resume)
     return summarize(outcome, spec)
@@ -211,7 +217,7 @@ def _demo(args: argparse.Namespace) -> int:
     ablate_args.dry_run = ablate_args.resume = False
     ablate_args.address = None
     spec, use_cache = build_spec(ablate_args)
-    init_ray(None)
+    init_ray(None, log_to_driver=False)
     resolved = resolve_run(spec.run, workspace_of(ablate_args), use_cache)
     spec = spec.model_copy(update={"run": resolved})
     _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")

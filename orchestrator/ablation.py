@@ -33,7 +33,10 @@ class AblationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="ablation id: Tune run name and MLflow experiment")
+    name: str = Field(description="ablation id: Tune run name (and MLflow experiment)")
+    experiment: str | None = Field(
+        default=None, description="MLflow experiment when it differs from name (greedy rounds)"
+    )
     preset: str
     pair_sets: dict[str, list[dict[str, Any]]]  # name -> PairConfig dicts, in sweep order
     baseline: str | None = None
@@ -45,6 +48,10 @@ class AblationSpec(BaseModel):
     tracking_uri: str
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     round: int | None = None  # greedy rounds
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
 
     @property
     def tune_dir(self) -> Path:
@@ -137,6 +144,7 @@ class TrialOutcome:
 class AblationOutcome:
     name: str
     trials: list[TrialOutcome] = field(default_factory=list)
+    final: PairSet | None = None  # greedy: the selected set
 
     @property
     def failed(self) -> list[TrialOutcome]:
@@ -154,6 +162,9 @@ def _params_of(spec: AblationSpec) -> dict[str, dict[str, Any]]:
             "teacher": spec.run.teacher or "",
             "teacher_checkpoint": spec.run.teacher_checkpoint or "",
             "teacher_cache": spec.run.teacher_cache or "",
+            "train_shards": spec.run.train_shards,
+            "eval_shards": spec.run.eval_shards,
+            "eval_every": spec.run.eval_every,
             "steps": spec.run.steps,
             "batch_size": spec.run.batch_size,
             "num_workers": spec.scaling.num_workers,
@@ -180,10 +191,10 @@ def _tuner(spec: AblationSpec, resume: bool):
             resume_errored=False,
             restart_errored=False,
         )
-    tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.name}
+    tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.experiment_name}
     if spec.round is not None:
         tags["conaclip.round"] = str(spec.round)
-    logger = MlflowTrialLogger(spec.tracking_uri, spec.name, tags, _params_of(spec))
+    logger = MlflowTrialLogger(spec.tracking_uri, spec.experiment_name, tags, _params_of(spec))
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -245,4 +256,33 @@ def run_ablation(spec: AblationSpec, resume: bool = False) -> AblationOutcome:
                 config.get("pair_set", "?"), config.get("seed", -1), status, str(result.path), error
             )
         )
+    return outcome
+
+
+def run_greedy(spec: AblationSpec, baseline: PairSet, max_rounds: int = 20) -> AblationOutcome:
+    """Forward selection: round 1 runs ``spec.pair_sets`` (the baseline and every single
+    addition); each later round runs the current set plus each pair it lacks, and the best
+    candidate becomes current when its gain over current beats its std. Every round is its own
+    Tune run (``<name>-round<k>``) logging into the one MLflow experiment ``<name>``."""
+    from orchestrator import select, table, tracking
+    from search_spaces.presets import greedy_candidates
+
+    outcome = AblationOutcome(spec.name)
+    current, pair_sets = baseline, spec.pair_sets
+    for round_number in range(1, max_rounds + 1):
+        round_spec = spec.model_copy(
+            update={"name": f"{spec.name}-round{round_number}", "experiment": spec.name,
+                    "pair_sets": pair_sets, "round": round_number}
+        )  # fmt: skip
+        outcome.trials += run_ablation(round_spec).trials
+        runs = tracking.runs_frame(spec.tracking_uri, spec.name)
+        chosen = select.greedy_next(table.selection_table(runs), current)
+        if chosen is None:
+            break
+        current = chosen
+        candidates = greedy_candidates(current)
+        if not candidates:
+            break
+        pair_sets = pair_sets_payload(candidates)
+    outcome.final = current
     return outcome

@@ -120,10 +120,38 @@ def _numbers(row: pd.Series, metric: str) -> list[str]:
     return lines
 
 
+def _verify(runs: pd.DataFrame, recipe, out: Path) -> int:
+    """Run the combined recipe as one more trial of the same ablation (same data, teacher,
+    student and budget, read back from the runs' MLflow params); it joins the table as a row."""
+    from orchestrator.ablate_cli import summarize
+    from orchestrator.ablation import AblationSpec, pair_sets_payload, run_ablation
+    from orchestrator.train_cli import init_ray
+    from trainers.run_config import DistillConfig
+
+    def shared(name: str) -> str:
+        values = set(runs.get(f"params.{name}", pd.Series(dtype=str)).dropna().astype(str))
+        if len(values) != 1:
+            raise InputError(f"best --verify: the runs do not share one {name} param ({values})")
+        return values.pop()
+
+    run = DistillConfig(
+        pairs=list(recipe.pairs), student=shared("student"), teacher=shared("teacher") or None,
+        teacher_checkpoint=shared("teacher_checkpoint") or None,
+        teacher_cache=shared("teacher_cache") or None, train_shards=shared("train_shards"),
+        eval_shards=shared("eval_shards"), steps=int(shared("steps")),
+        eval_every=int(shared("eval_every")), batch_size=int(shared("batch_size")),
+    )  # fmt: skip
+    experiment = runs.attrs["experiment"]
+    spec = AblationSpec(
+        name=f"{experiment}-verify", experiment=experiment, preset="verify",
+        pair_sets=pair_sets_payload([recipe]), run=run, out_dir=str(out.resolve()),
+        tracking_uri=runs.attrs["tracking_uri"],
+    )  # fmt: skip
+    init_ray(None, log_to_driver=False)
+    return summarize(run_ablation(spec), spec)
+
+
 def _best(args: argparse.Namespace) -> int:
-    if args.verify:
-        raise InputError("best --verify: not available yet; run the printed recipe with "
-                         "`conaclip ablate --config recipe.yaml`")  # fmt: skip
     runs = _runs(args)
     result = table.selection_table(runs, args.metric)
     winner = select.best_pair_set(result, args.metric)
@@ -141,4 +169,6 @@ def _best(args: argparse.Namespace) -> int:
           f"{recipe.key()}")  # fmt: skip
     print(f"# conaclip ablate --config {folder / 'recipe.yaml'}")
     sys.stdout.write(text)
+    if args.verify:
+        return _verify(runs, recipe, args.out)
     return 0

@@ -57,13 +57,23 @@ def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace(home=Path(args.home)) if args.home else Workspace()
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join ``address`` or start a local cluster (no dashboard: nothing listens beyond Ray).
+
+    With no address, a job started by ``ray job submit`` joins its cluster through the
+    RAY_ADDRESS the job supervisor sets; anywhere else a fresh local cluster starts, never a
+    stale one recorded under /tmp/ray by an earlier ``ray start``.
+    """
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     except ConnectionError as error:
         raise InputError(f"--address {address}: no Ray cluster there ({error})") from None
 

@@ -82,13 +82,19 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     for name in ("baseline", "baseline+intra_ts:sd", "baseline+inter_ts:sym_kl"):
         assert name in table_text
 
-    assert main(["best", "--out", str(out), "--experiment", "smoke-e2e"]) == 0
+    assert main(["best", "--out", str(out), "--experiment", "smoke-e2e", "--verify"]) == 0
     best_text = capsys.readouterr().out
     assert best_text.startswith("best pair set by rsum: ")
     assert (reports / "recipe.yaml").is_file()
+    # --verify ran the combined recipe as one more trial of the same experiment.
+    verified = finished_runs(uri, "smoke-e2e")
+    assert len(verified) == 4
+    recipe_run = verified[verified["params.pair_set"] == "combined_recipe"].iloc[0]
+    assert recipe_run["tags.conaclip.status"] == "FINISHED"
+    assert recipe_run["params.steps"] == "6"
 
     # The exported student of the best run loads back through open_clip.
-    run_id = runs.sort_values("metrics.rsum").iloc[-1]["run_id"]
+    run_id = runs.sort_values("metrics.rsum").iloc[-1]["run_id"]  # of the 3 preset trials
     export_dir = tmp_path / "export"
     assert main(["export", "--run", run_id, "--ablation-out", str(out),
                  "--out", str(export_dir), "--name", "best-student"]) == 0  # fmt: skip

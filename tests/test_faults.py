@@ -104,9 +104,10 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
             time.sleep(1)
             try:
                 runs = tracking.runs_frame(uri, "kill-worker")
-            except Exception:  # the store or experiment is not there yet
+                reached = runs["metrics.step"].fillna(0).max()
+            except Exception:  # the store, experiment or first metric is not there yet
                 continue
-            if runs.empty or runs["metrics.step"].fillna(0).max() < 10:
+            if reached < 10:
                 continue
             for pid in _pids_with("RayTrainWorker"):
                 os.kill(pid, signal.SIGKILL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,7 +62,13 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
     from orchestrator import tracking
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    # Token authentication on, with this test's own token: the head, the submitting client and
+    # the job's driver (which inherits the head's environment) all present it.
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}  # fmt: skip
     dashboard = f"http://127.0.0.1:{_free_port()}"
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
@@ -75,18 +82,30 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
         _wait_for_dashboard(dashboard, 120)
         started = _descendants(head.pid)
         out = tmp_path / "ablate"
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", dashboard,
-             "--working-dir", str(REPO), "--",
-             "conaclip", "ablate", "--preset", "smoke", "--name", "job-smoke", "--out", str(out),
-             "--address", "auto", "--home", str(tmp_path / "home"),
-             "--train-shards", str(tiny_shapes.out_dir / "train"),
-             "--eval-shards", str(tiny_shapes.out_dir / "eval"),
-             "--teacher-checkpoint", str(tiny_teacher.checkpoint)],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+            job = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", dashboard,
+                 "--working-dir", str(REPO), "--",
+                 "conaclip", "ablate", "--preset", "smoke", "--name", "job-smoke",
+                 "--out", str(out),
+                 "--address", "auto", "--home", str(tmp_path / "home"),
+                 "--train-shards", str(tiny_shapes.out_dir / "train"),
+                 "--eval-shards", str(tiny_shapes.out_dir / "eval"),
+                 "--teacher-checkpoint", str(tiny_teacher.checkpoint)],
+                env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout
+        # Without the token the same head refuses a client.
+        refused = subprocess.run(
+            [str(bin_dir / "ray"), "job", "list", "--address", dashboard],
+            env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode != 0
         runs = tracking.runs_frame(f"sqlite:///{out}/mlruns.db", "job-smoke")
         assert len(runs) == 3
         assert set(runs["tags.conaclip.status"]) == {"FINISHED"}

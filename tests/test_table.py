@@ -299,11 +299,6 @@ def test_best_cli_prints_winner_and_a_loadable_recipe(store, tmp_path, capsys):
     assert recipe.read_text() in out
 
 
-def test_best_verify_is_not_wired_yet(tmp_path):
-    with pytest.raises(InputError, match="not available yet"):
-        _cli("best", "--out", str(tmp_path), "--verify")
-
-
 def test_cli_without_a_store_is_one_line(tmp_path):
     with pytest.raises(InputError, match=r"no MLflow database at .*mlruns\.db"):
         _cli("table", "--out", str(tmp_path / "empty"))

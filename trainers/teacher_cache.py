@@ -229,7 +229,7 @@ def build_teacher_cache(
     (cache_dir / MANIFEST).unlink(missing_ok=True)  # stale from here on until rebuilt
     names = [f"{index:05d}.tar" for index in range(len(shards))]
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(encode_shard)
     refs = {
         task.remote(
