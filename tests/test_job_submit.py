@@ -74,6 +74,14 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
         [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1],
          "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+         # Every port of its own: another Ray cluster on this machine (the test session's, or
+         # a user's) holds the defaults, and a clash silently disables the job agent.
+         "--dashboard-agent-listen-port", str(_free_port()),
+         "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()),
+         "--metrics-export-port", str(_free_port()),
+         "--node-manager-port", str(_free_port()),
+         "--object-manager-port", str(_free_port()),
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -82,7 +90,8 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
         _wait_for_dashboard(dashboard, 120)
         started = _descendants(head.pid)
         out = tmp_path / "ablate"
-        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+        deadline = time.time() + 180
+        while True:  # the head's job agent comes up a little after the dashboard
             job = subprocess.run(
                 [str(bin_dir / "ray"), "job", "submit", "--address", dashboard,
                  "--working-dir", str(REPO), "--",
@@ -92,9 +101,9 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
                  "--train-shards", str(tiny_shapes.out_dir / "train"),
                  "--eval-shards", str(tiny_shapes.out_dir / "eval"),
                  "--teacher-checkpoint", str(tiny_teacher.checkpoint)],
-                env=env, capture_output=True, text=True, timeout=600,
+                env=env, capture_output=True, text=True, timeout=420,
             )  # fmt: skip
-            if "No available agent" not in job.stderr + job.stdout:
+            if "No available agent" not in job.stderr + job.stdout or time.time() > deadline:
                 break
             time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
