@@ -125,6 +125,8 @@ def _ablate(args: argparse.Namespace) -> int:
         print_trials(spec)
         return 0
     tracking.check_tracking_uri(spec.tracking_uri)
+    # Create (and migrate) the store now, in this one process, before anyone else reads it.
+    tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)
     # Tune's status table is the progress; per-worker logs would drown it.
     init_ray(args.address, log_to_driver=False)
     if not args.resume:

@@ -136,8 +136,10 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
                "--out", str(out), "--name", "killed", "--steps", "12", "--eval-every", "3",
                "--max-concurrent-trials", "1", *flags]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    log = tmp_path / "driver.log"
+    with log.open("w") as sink:
+        driver = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
     uri = f"sqlite:///{out}/mlruns.db"
     deadline = time.time() + 420
     children: list[int] = []
@@ -146,14 +148,16 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
             time.sleep(2)
             children = sorted(set(children) | set(_descendants(driver.pid)))
             if driver.poll() is not None:
-                pytest.fail(f"driver ended (rc {driver.returncode}) before it could be killed")
-            if not (out / "mlruns.db").exists():
-                continue
+                tail = log.read_text()[-3000:]
+                pytest.fail(f"driver ended (rc {driver.returncode}) before it was killed:\n{tail}")
+            if "ablation killed:" not in log.read_text():
+                continue  # the driver has not finished creating the MLflow store yet
             try:
                 runs = finished_runs(uri, "killed")
-            except Exception:  # the experiment may not exist yet
+                done = int((runs["tags.conaclip.status"] == "FINISHED").sum())
+            except Exception:  # no run (so no status column) yet
                 continue
-            if (runs["tags.conaclip.status"] == "FINISHED").sum() >= 1:
+            if done >= 1:
                 break
         else:
             pytest.fail("no trial finished in time")
