@@ -21,7 +21,7 @@ from orchestrator.ablation import (
 )
 from orchestrator.assets import resolve_run
 from orchestrator.config import build_settings, read_yaml
-from orchestrator.train_cli import add_shared_flags, init_ray, workspace_of
+from orchestrator.train_cli import add_shared_flags, init_ray, run_flags, workspace_of
 
 DEFAULT_OUT = Path("runs/ablate")
 
@@ -51,19 +51,10 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     for key in ("pair_sets", "pairs", "preset", "baseline", "seeds", "scheduler"):
         file_values.pop(key, None)
     flags = {
-        "student": args.student,
-        "teacher": args.teacher,
-        "teacher_checkpoint": args.teacher_checkpoint,
-        "train_shards": args.train_shards,
-        "eval_shards": args.eval_shards,
-        "steps": args.steps,
-        "eval_every": args.eval_every,
-        "batch_size": args.batch_size,
-        "num_workers": args.workers,
+        **run_flags(args),
         "cpus_per_worker": args.cpus_per_worker,
         "gpus_per_worker": args.gpus_per_worker,
         "use_gpu": True if args.gpus_per_worker else None,
-        "use_teacher_cache": False if args.no_teacher_cache else None,
     }
     settings = build_settings(
         {**preset_settings, **file_values}, flags, source=args.config or "command line"

@@ -53,6 +53,22 @@ def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def run_flags(args: argparse.Namespace) -> dict[str, object]:
+    """Settings that `train` and `ablate` take from the same flags (None = not given)."""
+    return {
+        "student": args.student,
+        "teacher": args.teacher,
+        "teacher_checkpoint": args.teacher_checkpoint,
+        "train_shards": args.train_shards,
+        "eval_shards": args.eval_shards,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "use_teacher_cache": False if args.no_teacher_cache else None,
+    }
+
+
 def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace(home=Path(args.home)) if args.home else Workspace()
 
@@ -125,19 +141,10 @@ def _train(args: argparse.Namespace) -> int:
 
     file_values = read_yaml(args.config) if args.config else {}
     flags = {
+        **run_flags(args),
         "pairs": args.pairs,
-        "student": args.student,
-        "teacher": args.teacher,
-        "teacher_checkpoint": args.teacher_checkpoint,
-        "train_shards": args.train_shards,
-        "eval_shards": args.eval_shards,
-        "steps": args.steps,
-        "eval_every": args.eval_every,
-        "batch_size": args.batch_size,
         "seed": args.seed,
-        "num_workers": args.workers,
         "use_gpu": True if args.gpu else None,
-        "use_teacher_cache": False if args.no_teacher_cache else None,
     }
     settings = build_settings(file_values, flags, source=args.config or "command line")
     out = Path(args.out or "runs/train").resolve()
