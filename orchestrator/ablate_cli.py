@@ -21,7 +21,8 @@ from orchestrator.ablation import (
 )
 from orchestrator.assets import resolve_run
 from orchestrator.config import build_settings, read_yaml
-from orchestrator.train_cli import add_shared_flags, init_ray, run_flags, workspace_of
+from orchestrator.ray_cluster import init_ray
+from orchestrator.train_cli import add_shared_flags, run_flags, workspace_of
 
 DEFAULT_OUT = Path("runs/ablate")
 

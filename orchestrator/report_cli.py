@@ -125,7 +125,7 @@ def _verify(runs: pd.DataFrame, recipe, out: Path) -> int:
     student and budget, read back from the runs' MLflow params); it joins the table as a row."""
     from orchestrator.ablate_cli import summarize
     from orchestrator.ablation import AblationSpec, pair_sets_payload, run_ablation
-    from orchestrator.train_cli import init_ray
+    from orchestrator.ray_cluster import init_ray
     from trainers.run_config import DistillConfig
 
     def shared(name: str) -> str:

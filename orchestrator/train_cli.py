@@ -16,7 +16,7 @@ from orchestrator.assets import (
     resolve_run,
 )
 from orchestrator.config import Workspace, build_settings, read_yaml
-from trainers.errors import InputError
+from orchestrator.ray_cluster import init_ray
 
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,27 +71,6 @@ def run_flags(args: argparse.Namespace) -> dict[str, object]:
 
 def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace(home=Path(args.home)) if args.home else Workspace()
-
-
-def init_ray(address: str | None, log_to_driver: bool = True) -> None:
-    """Join ``address`` or start a local cluster (no dashboard: nothing listens beyond Ray).
-
-    With no address, a job started by ``ray job submit`` joins its cluster through the
-    RAY_ADDRESS the job supervisor sets; anywhere else a fresh local cluster starts, never a
-    stale one recorded under /tmp/ray by an earlier ``ray start``.
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        address = "local"
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
-    except ConnectionError as error:
-        raise InputError(f"--address {address}: no Ray cluster there ({error})") from None
 
 
 # ----------------------------------------------------------------------------- teacher train

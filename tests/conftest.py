@@ -37,7 +37,9 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        # "local": a new cluster, never one a previous test's `ray start` left a record of.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from orchestrator.ray_cluster import start_local_cluster
+
+        # A new cluster, never one a previous test's `ray start` left a record of.
+        start_local_cluster(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

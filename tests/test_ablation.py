@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.ray_cluster import descendant_pids
 
 
 def data_flags(shapes, teacher, home):
@@ -105,26 +106,6 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     assert report["student"]["params_total"] < report["teacher"]["params_total"]
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid``, read from /proc (Linux)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.integration
 @pytest.mark.faults
 def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
@@ -146,7 +127,7 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
     try:
         while time.time() < deadline:
             time.sleep(2)
-            children = sorted(set(children) | set(_descendants(driver.pid)))
+            children = sorted(set(children) | set(descendant_pids(driver.pid)))
             if driver.poll() is not None:
                 tail = log.read_text()[-3000:]
                 pytest.fail(f"driver ended (rc {driver.returncode}) before it was killed:\n{tail}")
@@ -161,7 +142,7 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
                 break
         else:
             pytest.fail("no trial finished in time")
-        children = sorted(set(children) | set(_descendants(driver.pid)))
+        children = sorted(set(children) | set(descendant_pids(driver.pid)))
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:

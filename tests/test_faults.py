@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.ray_cluster import free_port
 from trainers.data import iter_shard, write_shard
 from trainers.distill import CHECKPOINT_FILE, train_loop_per_worker
 from trainers.errors import InputError
@@ -138,12 +138,6 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
     assert max(m.value for m in samples) == 40 * 8
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses with a listening TCP socket on ``port`` (IPv4, from /proc/net/tcp)."""
     found = set()
@@ -163,7 +157,7 @@ def test_ui_binds_loopback_by_default(tmp_path):
 
     db = tmp_path / "mlruns.db"
     mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # creates the store
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "ui", "--out", str(tmp_path), "--port",
          str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

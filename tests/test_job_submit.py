@@ -8,7 +8,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,30 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.ray_cluster import descendant_pids, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _wait_for_dashboard(url: str, timeout_s: float) -> None:
@@ -69,26 +47,26 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
     token.chmod(0o600)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}  # fmt: skip
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard = f"http://127.0.0.1:{free_port()}"
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1],
-         "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+         "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
          # Every port of its own: another Ray cluster on this machine (the test session's, or
          # a user's) holds the defaults, and a clash silently disables the job agent.
-         "--dashboard-agent-listen-port", str(_free_port()),
-         "--dashboard-agent-grpc-port", str(_free_port()),
-         "--runtime-env-agent-port", str(_free_port()),
-         "--metrics-export-port", str(_free_port()),
-         "--node-manager-port", str(_free_port()),
-         "--object-manager-port", str(_free_port()),
+         "--dashboard-agent-listen-port", str(free_port()),
+         "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()),
+         "--metrics-export-port", str(free_port()),
+         "--node-manager-port", str(free_port()),
+         "--object-manager-port", str(free_port()),
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     started: list[int] = []
     try:
         _wait_for_dashboard(dashboard, 120)
-        started = _descendants(head.pid)
+        started = descendant_pids(head.pid)
         out = tmp_path / "ablate"
         deadline = time.time() + 180
         while True:  # the head's job agent comes up a little after the dashboard
@@ -119,7 +97,7 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
         assert len(runs) == 3
         assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
     finally:
-        started = sorted(set(started) | set(_descendants(head.pid)))
+        started = sorted(set(started) | set(descendant_pids(head.pid)))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
         try:
