@@ -4,6 +4,7 @@ cache against a live teacher forward. Everything runs on real shards and real mo
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -43,7 +44,9 @@ class Recorder:
 
 def test_loop_reports_every_eval_with_metrics_and_checkpoints(tiny_shapes, tiny_teacher, tmp_path):
     recorder = Recorder()
+    started = time.perf_counter()
     final = train_loop_per_worker(base_config(tiny_shapes, tiny_teacher, tmp_path), recorder)
+    wall = time.perf_counter() - started
     assert [m["step"] for m, _ in recorder.reports] == [2, 4]
     assert [m["samples_seen"] for m, _ in recorder.reports] == [16, 32]
     for metrics, checkpoint_dir in recorder.reports:
@@ -58,6 +61,14 @@ def test_loop_reports_every_eval_with_metrics_and_checkpoints(tiny_shapes, tiny_
         state = torch.load(f"{checkpoint_dir}/{CHECKPOINT_FILE}", weights_only=True)
         assert state["step"] == metrics["step"]
     assert final["step"] == 4
+    # The phase timers are disjoint slices of the run: they only grow, every phase was seen
+    # by the second report, and together they fit inside the call's wall-clock.
+    first, second = (m for m, _ in recorder.reports)
+    phases = ("setup_s", "train_s", "eval_s", "checkpoint_s")
+    assert all(second[p] >= first[p] >= 0 for p in phases)
+    assert all(second[p] > 0 for p in phases)
+    assert first["checkpoint_s"] == 0  # the first checkpoint is counted from the next report
+    assert sum(second[p] for p in phases) <= wall
 
 
 def test_total_loss_is_the_weighted_sum_of_pair_losses(tiny_shapes, tiny_teacher, tmp_path):

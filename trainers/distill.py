@@ -108,8 +108,12 @@ class DistillationRun:
     """State of one worker's run; ``run()`` reads top to bottom like a recipe."""
 
     def __init__(self, cfg: DistillConfig, context: WorkerContext) -> None:
+        self._created = time.perf_counter()
         self.cfg = cfg
         self.ctx = context
+        # Seconds spent in each phase since this worker (re)started; reported with every
+        # eval so benchmarks can split a trial's wall-clock without a profiler.
+        self.phase_s = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
@@ -150,12 +154,14 @@ class DistillationRun:
         eval_set = self._load_eval_set() if ctx.rank == 0 else None
         batches = self._batches()
         self.model.train()
+        self.phase_s["setup_s"] = time.perf_counter() - self._created
         train_seconds, window_samples = 0.0, 0
         while self.step < cfg.steps:
             started = time.perf_counter()
             batch = next(batches)
             losses = self._train_step(batch)
             train_seconds += time.perf_counter() - started
+            self.phase_s["train_s"] += time.perf_counter() - started
             window_samples += batch["image"].shape[0] * ctx.world_size
             self.step += 1
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -320,19 +326,25 @@ class DistillationRun:
             "logit_scale": self.student.logit_scale.exp().item(),
         }
         if self.ctx.rank == 0:
+            started = time.perf_counter()
             metrics.update(self._evaluate(eval_set))
+            self.phase_s["eval_s"] += time.perf_counter() - started
+        metrics.update(self.phase_s)
         self.last_metrics = metrics
         if self.ctx.rank != 0:
             self.ctx.report(metrics, None)
             return
+        started = time.perf_counter()
         if self.ctx.checkpoint_root is not None:
             directory = self.ctx.checkpoint_root / f"step_{self.step:08d}"
             self._save_checkpoint(directory, metrics)
             self.ctx.report(metrics, str(directory))
-            return
-        with tempfile.TemporaryDirectory(prefix="conaclip-ckpt-") as directory:
-            self._save_checkpoint(Path(directory), metrics)
-            self.ctx.report(metrics, directory)
+        else:
+            with tempfile.TemporaryDirectory(prefix="conaclip-ckpt-") as directory:
+                self._save_checkpoint(Path(directory), metrics)
+                self.ctx.report(metrics, directory)
+        # Counted in the next report: this one is already on its way.
+        self.phase_s["checkpoint_s"] += time.perf_counter() - started
 
     def _save_checkpoint(self, directory: Path, metrics: dict[str, Any]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
