@@ -17,6 +17,7 @@ from pathlib import Path
 import trainers  # noqa: F401  (torchvision compat first)
 from orchestrator.assets import ensure_builtin_data, ensure_builtin_teacher, ensure_teacher_cache
 from orchestrator.config import Workspace
+from orchestrator.ray_cluster import start_local_cluster
 from trainers.distill import train_loop_per_worker
 from trainers.run_config import DistillConfig
 
@@ -44,7 +45,7 @@ def main() -> None:
     workspace = Workspace()
     shards = ensure_builtin_data(workspace)
     teacher, checkpoint, teacher_metrics = ensure_builtin_teacher(workspace, shards)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_cluster(num_cpus=2, log_to_driver=False)
     rows = [{"model": teacher, "training": "teacher (CLIP loss)", **teacher_metrics}]
     for student in args.students.split(","):
         for label, pairs in (("no distillation: inter_ss:infonce", "inter_ss:infonce"),

@@ -16,7 +16,7 @@ from trainers.run_config import DistillConfig
 
 BUILTIN_TRAIN_SAMPLES = 12_000
 BUILTIN_EVAL_IMAGES = 1_000
-BUILTIN_TEACHER_STEPS = 250
+BUILTIN_TEACHER_STEPS = 220
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""open_clip_train's distillation speed on the same shards, teacher and student as a trial.
+
+Runs inside the peer venv that ``benchmarks/openclip_peer.sh`` makes (webdataset 0.2.86, which
+open_clip_train needs); it imports nothing of this project but the torchvision shim and the
+model configs. The workload matches ``benchmarks/trial_throughput.py``'s "bare loop, live
+teacher" row: student-s, the built-in teacher run live every step, batch 64, 2 CPU threads,
+one loader worker, fp32. samples/s is open_clip_train's own "Batch (t)" average over the last
+logging window, so start-up is left out as in ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import trainers.torchvision_compat  # noqa: E402  (before open_clip imports torchvision)
+
+trainers.torchvision_compat.ensure_torchvision_importable()
+
+import open_clip  # noqa: E402
+
+open_clip.add_model_config(REPO / "trainers" / "model_configs")
+
+from open_clip_train.main import main as openclip_train_main  # noqa: E402
+
+BATCH_LINE = re.compile(r"Batch \(t\): ([0-9.]+)")
+
+
+class BatchTimes(logging.Handler):
+    """Collects the per-window average batch time open_clip_train logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = BATCH_LINE.search(record.getMessage())
+        if found:
+            self.seconds.append(float(found.group(1)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--student", default="conaclip-student-s")
+    parser.add_argument("--out", default="runs/bench/openclip_peer.json")
+    args = parser.parse_args()
+
+    home = Path(os.environ.get("CONACLIP_HOME", Path.home() / ".cache" / "conaclip"))
+    data = sorted((home / "data").glob("shapes-n*"))
+    teachers = sorted((home / "teachers").glob("conaclip-teacher-*/conaclip-teacher.pt"))
+    if not data or not teachers:
+        sys.exit(f"{home}: no built-in data or teacher yet; run `conaclip demo` (or make demo)")
+    shards = sorted((data[-1] / "train").glob("*.tar"))
+    pattern = f"{shards[0].parent}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
+    times = BatchTimes()
+    with tempfile.TemporaryDirectory() as logs:
+        argv = [
+            "--train-data", pattern, "--dataset-type", "webdataset",
+            "--train-num-samples", str(args.steps * args.batch_size),
+            "--model", args.student, "--distill-model", "conaclip-teacher",
+            "--distill-pretrained", str(teachers[-1]),
+            "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", "1",
+            "--lr", "1e-3", "--warmup", "10", "--precision", "fp32",
+            "--log-every-n-steps", str(max(1, args.steps // 3)),
+            "--logs", logs, "--name", "peer", "--save-frequency", "0", "--report-to", "",
+            "--device", "cpu",
+        ]  # fmt: skip
+        logging.getLogger().addHandler(times)
+        openclip_train_main(argv)
+    if not times.seconds:
+        sys.exit("open_clip_train logged no batch times")
+    samples_per_s = args.batch_size / times.seconds[-1]
+    print(f"open_clip_train --distill-model, {args.student}, batch {args.batch_size}: "
+          f"{samples_per_s:.1f} samples/s (windows: {times.seconds})")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "samples_per_s": samples_per_s,
+                                          "batch_time_s": times.seconds}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
