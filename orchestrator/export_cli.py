@@ -48,7 +48,7 @@ def export_trial(
     checkpoint = latest_checkpoint(ablation_out.resolve() / "train_runs" / f"trial-{trial_id}")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     student_state = state["student"]
-    head = student_state.get("image_head.weight")
+    head = student_state.get("teacher_head.weight")
     student, _ = build_student(
         params["student"], teacher_embed_dim=None if head is None else int(head.shape[0])
     )
@@ -138,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a trained student as open_clip weights with a size/speed report",
         description="Write the student of one ablation trial (an MLflow run id) as open_clip "
-        "weights + JSON config (width heads dropped) and the industry table: recall, params, "
+        "weights + JSON config (width head dropped) and the industry table: recall, params, "
         "size on disk, images/s and texts/s against the teacher on this machine.",
     )
     export.add_argument("--run", required=True, help="MLflow run id of the trial")

@@ -167,17 +167,14 @@ def _batch(loaded: LoadedModel, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]
 def test_head_exists_exactly_when_widths_differ() -> None:
     torch.manual_seed(0)
     narrow, _ = build_student("conaclip-student-xs", teacher_embed_dim=256)
-    assert isinstance(narrow.image_head, torch.nn.Linear)
-    assert isinstance(narrow.text_head, torch.nn.Linear)
-    assert narrow.image_head.weight.shape == (256, 128)
-    assert narrow.image_head.bias is None
+    assert isinstance(narrow.teacher_head, torch.nn.Linear)
+    assert narrow.teacher_head.weight.shape == (256, 128)
+    assert narrow.teacher_head.bias is None
     same, _ = build_student("conaclip-student-s", teacher_embed_dim=256)
-    assert isinstance(same.image_head, torch.nn.Identity)
-    assert isinstance(same.text_head, torch.nn.Identity)
+    assert isinstance(same.teacher_head, torch.nn.Identity)
     assert same.logit_scale is same.clip.logit_scale
     no_teacher, _ = build_student("conaclip-student-xs", teacher_embed_dim=None)
-    assert isinstance(no_teacher.image_head, torch.nn.Identity)
-    assert isinstance(no_teacher.text_head, torch.nn.Identity)
+    assert isinstance(no_teacher.teacher_head, torch.nn.Identity)
     assert same.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
 
 
@@ -195,14 +192,23 @@ def test_encode_outputs_unit_norm_and_head_is_isometric_at_init() -> None:
     with torch.no_grad():
         expected = loaded.model.encode_image(images, normalize=True)
     torch.testing.assert_close(out["image"].detach(), expected, atol=1e-6, rtol=0)
-    # Orthogonal init: cosine similarities survive the head unchanged.
-    for own, mapped in (("image", "image_to_teacher"), ("text", "text_to_teacher")):
-        a, b = out[own].detach(), out[mapped].detach()
-        torch.testing.assert_close(b @ b.T, a @ a.T, atol=1e-5, rtol=0)
-    # The head is trained through the teacher-space outputs.
-    out["image_to_teacher"][:, 0].sum().backward()
-    assert student.image_head.weight.grad is not None
-    assert student.image_head.weight.grad.abs().sum() > 0
+    # Orthogonal init: cosine similarities survive the head unchanged, within a tower and,
+    # since both towers share the head, between image and text.
+    own = torch.cat([out["image"], out["text"]]).detach()
+    mapped = torch.cat([out["image_to_teacher"], out["text_to_teacher"]]).detach()
+    torch.testing.assert_close(mapped @ mapped.T, own @ own.T, atol=1e-5, rtol=0)
+    # One head maps both towers: the same matrix, applied to each.
+    head = student.teacher_head.weight.detach()
+    torch.testing.assert_close(
+        out["text_to_teacher"].detach(),
+        torch.nn.functional.normalize(out["text"].detach() @ head.T, dim=-1),
+        atol=1e-6,
+        rtol=0,
+    )
+    # The head is trained through the teacher-space outputs of both towers.
+    (out["image_to_teacher"][:, 0].sum() + out["text_to_teacher"][:, 1].sum()).backward()
+    assert student.teacher_head.weight.grad is not None
+    assert student.teacher_head.weight.grad.abs().sum() > 0
 
 
 def test_identity_head_returns_student_embeddings() -> None:

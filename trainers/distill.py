@@ -121,7 +121,7 @@ class DistillationRun:
         self.teacher: LoadedModel | None = None
         teacher_dim = None
         if cfg.needs_teacher:
-            # The teacher is always built (it fixes the width the heads map to); its forward
+            # The teacher is always built (it fixes the width the head maps to); its forward
             # pass only runs when no cache is given.
             self.teacher = load_model(cfg.teacher, cfg.teacher_checkpoint, device=context.device)
             self.teacher.model.eval().requires_grad_(False)

@@ -255,12 +255,16 @@ def _width_head(student_dim: int, teacher_dim: int) -> nn.Module:
 
 
 class DistillStudent(nn.Module):
-    """A student CLIP plus the linear heads that map it to the teacher's width.
+    """A student CLIP plus the linear head that maps it to the teacher's width.
 
-    The heads (``nn.Linear(d_s, d_t, bias=False)``, or ``nn.Identity`` when the widths agree
-    or ``teacher_embed_dim`` is None, i.e. no teacher) serve only the teacher-student edges and
-    are dropped by ``export_student``. ``model_cfg`` is the student's open_clip config, kept so
-    the student can be exported.
+    The head (``nn.Linear(d_s, d_t, bias=False)``, or ``nn.Identity`` when the widths agree or
+    ``teacher_embed_dim`` is None, i.e. no teacher) serves only the teacher-student edges and is
+    dropped by ``export_student``. One head for both towers, on purpose: the student's image
+    and text embeddings share one space, as the teacher's do, and one linear map keeps it
+    shared. With a head per tower, intra_ts alone (the MoTIS baseline) fits each tower to the
+    teacher through its own map and leaves the student's native image and text spaces, the
+    ones retrieval and export use, unaligned (rsum at chance for a narrower student).
+    ``model_cfg`` is the student's open_clip config, kept so the student can be exported.
     """
 
     def __init__(
@@ -274,8 +278,7 @@ class DistillStudent(nn.Module):
         self.model_cfg = dict(model_cfg) if model_cfg is not None else None
         student_dim = embed_dim_of(clip)
         teacher_embed_dim = teacher_embed_dim or student_dim
-        self.image_head = _width_head(student_dim, teacher_embed_dim)
-        self.text_head = _width_head(student_dim, teacher_embed_dim)
+        self.teacher_head = _width_head(student_dim, teacher_embed_dim)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -292,16 +295,16 @@ class DistillStudent(nn.Module):
         """Embed a batch: images N x 3 x H x W, tokens N x context_length (long).
 
         Returns "image", "text": N x d_s, L2-normalised; "image_to_teacher", "text_to_teacher":
-        N x d_t, the head applied to the normalised embedding then renormalised (the same
-        tensors as "image"/"text" when the widths agree). Nothing is detached.
+        N x d_t, the shared head applied to the normalised embedding then renormalised (the
+        same tensors as "image"/"text" when the widths agree). Nothing is detached.
         """
         image = F.normalize(self.clip.encode_image(images), dim=-1)
         text = F.normalize(self.clip.encode_text(tokens), dim=-1)
         return {
             "image": image,
             "text": text,
-            "image_to_teacher": self._to_teacher(self.image_head, image),
-            "text_to_teacher": self._to_teacher(self.text_head, text),
+            "image_to_teacher": self._to_teacher(self.teacher_head, image),
+            "text_to_teacher": self._to_teacher(self.teacher_head, text),
         }
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor]:
@@ -312,7 +315,7 @@ class DistillStudent(nn.Module):
 def build_student(
     name: str, teacher_embed_dim: int | None, device: str | torch.device = "cpu"
 ) -> tuple[DistillStudent, LoadedModel]:
-    """A freshly initialised student (any built-in or open_clip name) with width heads as needed.
+    """A freshly initialised student (any built-in or open_clip name) with a width head as needed.
 
     ``teacher_embed_dim`` None: no teacher (plain CLIP training), so no heads.
     ``LoadedModel.model`` is the same module as ``DistillStudent.clip``.
@@ -338,7 +341,7 @@ def export_student(
     name: str,
     model_cfg: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the student CLIP (width heads dropped) as open_clip-loadable files.
+    """Write the student CLIP (width head dropped) as open_clip-loadable files.
 
     Writes ``{out_dir}/{name}.json`` (the open_clip model config) and ``{out_dir}/{name}.pt``
     (the CLIP state dict, CPU tensors, the model's dtype); returns the weights path. Load back
