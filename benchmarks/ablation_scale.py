@@ -57,41 +57,45 @@ def _ports() -> list[str]:
     return [item for flag in flags for item in (flag, str(free_port()))]
 
 
+def auth_token_env(workdir: Path) -> None:
+    """Token authentication with a token of our own, for the `ray start` nodes and for this
+    process. Must run before this process first imports ray, which reads it only then."""
+    token = workdir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+
 @contextlib.contextmanager
 def ray_nodes(count: int, cpus_per_node: int, workdir: Path) -> Iterator[str]:
     """``count`` Ray nodes on loopback (a head + ``count - 1`` workers joined with
     ``ray start --address``), each with ``cpus_per_node`` CPUs; yields the head's address.
-    Token authentication stays on (a token of our own). Ended by PID, never ``ray stop``."""
+    Token authentication stays on (``auth_token_env`` first). Ended by PID, never ``ray stop``."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    token = workdir / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
     port, dashboard = free_port(), free_port()
     # The state API (Ray Train's placement-group cleaner uses it) must find this head's
     # dashboard, not a cluster an earlier `ray start` recorded (see orchestrator.ray_cluster).
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-                      RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}")  # fmt: skip
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     address = f"127.0.0.1:{port}"
-    common = ["--block", "--num-cpus", str(cpus_per_node), "--disable-usage-stats", *_ports()]
-    commands = [[ray_bin, "start", "--head", "--port", str(port), "--node-ip-address",
-                 "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                 str(dashboard), *common]]  # fmt: skip
-    commands += [
-        [ray_bin, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common]
-        for _ in range(count - 1)
-    ]
+    common = ["--block", "--num-cpus", str(cpus_per_node), "--disable-usage-stats"]
+    head = [ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]  # fmt: skip
+    worker = [ray_bin, "start", "--address", address, "--node-ip-address", "127.0.0.1"]
     processes: list[subprocess.Popen] = []
     try:
-        for index, command in enumerate(commands):
+        for index in range(count):
+            # Each node its own ports, drawn just before it starts: nodes on one machine
+            # must not share them, and a port drawn early may be taken by then.
+            worker_ports = ["--min-worker-port", str(20000 + 2000 * index),
+                            "--max-worker-port", str(21999 + 2000 * index)]  # fmt: skip
+            command = [*(head if index == 0 else worker), *common, *_ports(), *worker_ports]
             log = (workdir / f"node{index}.log").open("w")
             processes.append(
                 subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
-            if index == 0:
-                _wait_for_nodes(address, 1, timeout_s=120)
-        _wait_for_nodes(address, count, timeout_s=120)
+            _wait_for_nodes(address, index + 1, timeout_s=120)
         yield address
     finally:
         pids = sorted({pid for p in processes for pid in descendant_pids(p.pid)})
@@ -147,6 +151,9 @@ def _trial_rows(tune_path: Path) -> list[dict[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="conaclip-bench-"))
+    if args.nodes:
+        auth_token_env(work)
     import ray
 
     from orchestrator import table, tracking
@@ -158,7 +165,6 @@ def _run(args: argparse.Namespace) -> None:
     from trainers.teacher_cache import build_teacher_cache
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="conaclip-bench-"))
     parser = argparse.ArgumentParser()
     add_ablation_flags(parser)
     name = f"{Path(args.out).stem}-{time.strftime('%H%M%S')}"
