@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import trainers  # noqa: F401  (torchvision compat first)
-from orchestrator.ray_cluster import descendant_pids, free_port
+from orchestrator.ray_cluster import end_started, free_port
 
 PHASES = ("setup_s", "train_s", "eval_s", "checkpoint_s")
 
@@ -98,18 +97,7 @@ def ray_nodes(count: int, cpus_per_node: int, workdir: Path) -> Iterator[str]:
             _wait_for_nodes(address, index + 1, timeout_s=120)
         yield address
     finally:
-        pids = sorted({pid for p in processes for pid in descendant_pids(p.pid)})
-        for process in reversed(processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        end_started(processes)
 
 
 def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:

@@ -11,8 +11,12 @@ never answers: a third of a small trial's wall-clock on a laptop.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from trainers.errors import InputError
@@ -46,6 +50,24 @@ def descendant_pids(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def end_started(processes: Sequence[subprocess.Popen], known_pids: Iterable[int] = ()) -> None:
+    """End `ray start --block` processes we launched, each in its own session: SIGTERM to its
+    process group (newest first), up to 60 s to drain, then SIGKILL to whatever they spawned
+    (``known_pids`` adds PIDs seen earlier). Nothing outside those processes is touched."""
+    pids = sorted(set(known_pids) | {pid for p in processes for pid in descendant_pids(p.pid)})
+    for process in reversed(processes):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = True) -> str:

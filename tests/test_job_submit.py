@@ -4,10 +4,8 @@ never `ray stop`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ray_cluster import descendant_pids, free_port
+from orchestrator.ray_cluster import descendant_pids, end_started, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,14 +95,4 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
         assert len(runs) == 3
         assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
     finally:
-        started = sorted(set(started) | set(descendant_pids(head.pid)))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        for pid in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        end_started([head], known_pids=started)
