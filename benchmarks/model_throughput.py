@@ -1,6 +1,6 @@
 """Size and encode throughput of the shipped models: the teacher against each student.
 
-Backs the model-size / speed-up table (METHOD.md: the paper reports size and speed next to
+Backs the model-size / speed-up table (docs/method.md: the paper reports size and speed next to
 recall). Weights are a random init: encode speed does not depend on their values. Each model is
 timed --repeats times, round-robin over the models, and its best round is kept: on a shared
 machine the least disturbed round is the closest to the model's own speed.

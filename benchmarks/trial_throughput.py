@@ -1,7 +1,7 @@
 """Samples/s of one distillation trial: bare loop vs TorchTrainer (1 and 2 workers), and the
 teacher-embedding cache vs a live teacher forward.
 
-Goals (issue 5): Ray costs at most 10% over the bare loop; the cache gives at least 3x over the
+Goals: Ray costs at most 10% over the bare loop; the cache gives at least 3x over the
 live teacher. Uses the built-in data and teacher (generated on first use under $CONACLIP_HOME).
 samples/s is the loop's own figure for the last of three report windows, so start-up (worker
 processes, the data pipeline's first batch) is left out of every setting alike.

@@ -40,12 +40,12 @@ from pydantic import ValidationError
 
 from trainers.errors import InputError
 from trainers.graph import valid_pairs
-from trainers.run_config import PairConfig, describe_validation_error, parse_pairs
+from trainers.run_config import AUTO, PairConfig, describe_validation_error, parse_pairs
 
 BASELINE_PRESET = "baseline"
 GENERATED = {
     "single_additions": "the strategy-selection table: the baseline alone, then the baseline "
-    "plus each other valid pair, one at a time",
+    "plus each other valid pair, one at a time, weighted by the fair-cell rule (*auto)",
     "greedy": "forward selection: each round adds the pair with the largest gain over the "
     "current set; stops when nothing gains (round 1 = single_additions)",
 }
@@ -61,9 +61,10 @@ def pair_text(pair: PairConfig) -> str:
     """``intra_ts:fd*2000@0.05``: the string form ``parse_pairs`` reads; defaults omitted."""
     text = pair.pair
     if pair.weight != 1.0:
-        text += f"*{_number(pair.weight)}"
+        text += "*auto" if pair.is_auto else f"*{_number(pair.weight)}"
     if pair.temperature is not None:
-        text += f"@{_number(pair.temperature)}"
+        learnable = isinstance(pair.temperature, str)
+        text += f"@{pair.temperature}" if learnable else f"@{_number(pair.temperature)}"
     return text
 
 
@@ -171,13 +172,15 @@ def baseline_pair_set() -> PairSet:
     return baseline
 
 
-def greedy_candidates(current: PairSet) -> list[PairSet]:
-    """``current`` plus each valid pair not in it (default weight and temperature), one set per
-    pair in ``valid_pairs()`` order, named ``<current.name>+<pair>``. ``current`` itself is
-    not in the list: it was measured in the round that chose it. Empty when nothing is left."""
+def greedy_candidates(current: PairSet, weight: float | str = AUTO) -> list[PairSet]:
+    """``current`` plus each valid pair not in it, one set per pair in ``valid_pairs()`` order,
+    named ``<current.name>+<pair>``. The added pair has the strategy's default temperature and
+    ``weight`` (default "auto": the fair-cell rule, a fixed share of the other pairs' gradient
+    norm, so a cell measures its strategy and not its loss scale). ``current`` itself is not in
+    the list: it was measured in the round that chose it. Empty when nothing is left."""
     present = set(current.pair_names)
     return [
-        current.with_pair(PairConfig(pair=f"{lt}:{st}"))
+        current.with_pair(PairConfig(pair=f"{lt}:{st}", weight=weight), f"{current.name}+{lt}:{st}")
         for lt, st in valid_pairs()
         if f"{lt}:{st}" not in present
     ]

@@ -6,12 +6,21 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from trainers.distill import CHECKPOINT_FILE, _warmup_cosine, train_loop_per_worker
+from trainers.distill import (
+    CHECKPOINT_FILE,
+    RANKS_FILE,
+    _warmup_cosine,
+    gradient_norm,
+    gradient_share_weights,
+    train_loop_per_worker,
+)
 from trainers.errors import InputError
-from trainers.run_config import load_distill_config
+from trainers.evaluate import metrics_from_ranks
+from trainers.run_config import KD_TEMPERATURE, PairConfig, load_distill_config, parse_pairs
 
 RECALL_KEYS = ("t2i_R1", "t2i_R5", "t2i_R10", "i2t_R1", "i2t_R5", "i2t_R10")
 
@@ -85,6 +94,87 @@ def test_total_loss_is_the_weighted_sum_of_pair_losses(tiny_shapes, tiny_teacher
     metrics = recorder.reports[0][0]
     expected = 2 * metrics["loss_intra_ts_infonce"] + 0.5 * metrics["loss_inter_ts_sd"]
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_auto_weight_is_off_in_warm_up_then_a_gradient_share(tiny_shapes, tiny_teacher, tmp_path):
+    recorder = Recorder()
+    config = base_config(
+        tiny_shapes, tiny_teacher, tmp_path, pairs="intra_ts:infonce*2,inter_ts:sym_kl*auto",
+        steps=6, eval_every=2, warmup_steps=2, balance_steps=2, balance_share=0.5,
+    )  # fmt: skip
+    train_loop_per_worker(config, recorder)
+    weights = [m["weight_inter_ts_sym_kl"] for m, _ in recorder.reports]
+    # Measured on steps 2 and 3 (0-based step counter at the start of each step): the report
+    # at step 2 still has the pair off, the later ones its fixed, measured weight.
+    assert weights[0] == 0.0
+    assert weights[1] > 0 and weights[2] == weights[1]
+    assert all(m["weight_intra_ts_infonce"] == 2.0 for m, _ in recorder.reports)
+    # What ran is what was reported: the total is the weighted sum with the reported weights.
+    last = recorder.reports[-1][0]
+    expected = 2 * last["loss_intra_ts_infonce"] + weights[-1] * last["loss_inter_ts_sym_kl"]
+    assert last["loss"] == pytest.approx(expected, rel=1e-5)
+    # The default distillation temperature of sym_kl, and the learnable one of infonce.
+    assert last["temperature_inter_ts_sym_kl"] == KD_TEMPERATURE
+    assert last["temperature_intra_ts_infonce"] == pytest.approx(1 / last["logit_scale"])
+    # The weight survives resume: the checkpoint carries it.
+    state = torch.load(f"{recorder.reports[-1][1]}/{CHECKPOINT_FILE}", weights_only=True)
+    assert state["weights"]["inter_ts:sym_kl"] == weights[-1] and state["weights_resolved"]
+
+
+def test_bare_runs_report_progress_between_evals(tiny_shapes, tiny_teacher, tmp_path):
+    ticks = []
+    config = base_config(tiny_shapes, tiny_teacher, tmp_path, steps=7, eval_every=7)
+    train_loop_per_worker(config, Recorder(), progress=lambda *tick: ticks.append(tick))
+    # Every PROGRESS_EVERY (5) steps and at the last step: (step, steps, samples/s, loss).
+    assert [(step, total) for step, total, _, _ in ticks] == [(5, 7), (7, 7)]
+    assert all(rate > 0 and math.isfinite(loss) for _, _, rate, loss in ticks)
+
+
+def test_gradient_norm_and_share_weights_by_hand():
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    v = torch.tensor([1.0], requires_grad=True)
+    # d/dw of 0.5*|w|^2 is w -> norm 5; v is not reached and counts as zero.
+    assert gradient_norm(0.5 * (w * w).sum(), [w, v]).item() == pytest.approx(5.0)
+    # d/d(w, v) of 2*w0 + 2*v0 -> (2, 0, 2) -> norm sqrt(8).
+    assert gradient_norm(2 * w[0] + 2 * v[0], [w, v]).item() == pytest.approx(8**0.5)
+    # Sums over 4 steps: fixed 40 (mean 10), pair a 8 (mean 2), pair b 0 (no gradient).
+    weights = gradient_share_weights({"fixed": 40.0, "a": 8.0, "b": 0.0}, share=0.5)
+    assert weights == {"a": pytest.approx(0.5 * 10 / 2), "b": 0.0}
+
+
+def test_pair_temperatures_resolve_to_their_strategy_defaults():
+    pairs = (
+        "intra_ts:infonce,inter_ss:kl,inter_ts:sym_kl@0.1,intra_ts:sd,inter_ss:infonce@learnable"
+    )
+    cfg = load_distill_config({"pairs": pairs, "kd_temperature": 0.3})
+    got = {p.pair: cfg.temperature_of(p) for p in cfg.pairs}
+    assert got == {"intra_ts:infonce": "learnable", "inter_ss:kl": 0.3, "inter_ts:sym_kl": 0.1,
+                   "intra_ts:sd": None, "inter_ss:infonce": "learnable"}  # fmt: skip
+
+
+def test_auto_weight_needs_a_fixed_reference_and_parses():
+    assert parse_pairs("inter_ss:kl*auto@learnable") == [
+        PairConfig(pair="inter_ss:kl", weight="auto", temperature="learnable")
+    ]
+    with pytest.raises(InputError, match="at least one pair needs a numeric weight"):
+        load_distill_config({"pairs": "intra_ts:infonce*auto,inter_ss:kl*auto"})
+    with pytest.raises(InputError, match="sym_orientation"):
+        load_distill_config({"sym_orientation": "sideways"})
+
+
+def test_each_eval_leaves_its_per_query_ranks(tiny_shapes, tiny_teacher, tmp_path):
+    recorder = Recorder()
+    train_loop_per_worker(base_config(tiny_shapes, tiny_teacher, tmp_path), recorder)
+    for metrics, checkpoint_dir in recorder.reports:
+        with np.load(f"{checkpoint_dir}/{RANKS_FILE}") as ranks:
+            assert ranks["t2i_rank"].shape == ranks["text_to_image"].shape
+            assert ranks["i2t_rank"].shape == (int(ranks["text_to_image"].max()) + 1,)
+            again = metrics_from_ranks(
+                torch.from_numpy(ranks["t2i_rank"]), torch.from_numpy(ranks["i2t_rank"])
+            )
+        # The ranks are exactly what the reported recalls were computed from.
+        for key in (*RECALL_KEYS, "rsum"):
+            assert again[key] == pytest.approx(metrics[key]), key
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_shapes, tiny_teacher, tmp_path):

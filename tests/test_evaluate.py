@@ -14,7 +14,9 @@ from trainers.evaluate import (
     encode_batches,
     evaluate_retrieval,
     metric_keys,
+    metrics_from_ranks,
     retrieval_metrics,
+    retrieval_ranks,
 )
 
 # --- hand-counted case -------------------------------------------------------------------------
@@ -68,6 +70,26 @@ def test_hand_counted_multi_caption(chunk_size: int) -> None:
     metrics = retrieval_metrics(image, text, ids, ks=(1, 2, 3), chunk_size=chunk_size)
     assert_metrics(metrics, with_sums(HAND_EXPECTED))
     assert metrics["rsum"] == pytest.approx(200 + 1200 / 7)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_hand_counted_per_query_ranks(chunk_size: int) -> None:
+    image, text, ids = hand_case()
+    t2i, i2t = retrieval_ranks(image, text, ids, chunk_size=chunk_size)
+    assert t2i.tolist() == [3, 3, 1, 0, 0, 1, 1] and t2i.dtype == torch.long
+    assert i2t.tolist() == [0, 2, 0, 2] and i2t.dtype == torch.long
+    assert_metrics(metrics_from_ranks(t2i, i2t, ks=(1, 2, 3)), with_sums(HAND_EXPECTED))
+
+
+def test_evaluate_retrieval_hands_out_the_ranks_behind_its_recalls() -> None:
+    image, text, ids = hand_case()
+    ranks: dict[str, torch.Tensor] = {}
+    metrics = evaluate_retrieval(
+        lambda x: x, lambda t: t, image, text, ids, batch_size=2, ks=(1, 2, 3), ranks_out=ranks
+    )
+    assert ranks["t2i_rank"].tolist() == [3, 3, 1, 0, 0, 1, 1]
+    assert ranks["i2t_rank"].tolist() == [0, 2, 0, 2]
+    assert_metrics(metrics, with_sums(HAND_EXPECTED))
 
 
 def test_k_larger_than_n_counts_every_match() -> None:

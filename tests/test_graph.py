@@ -14,7 +14,7 @@ from trainers.graph import (
     valid_strategies,
 )
 
-# METHOD.md, read independently: the four invalid pairs.
+# docs/method.md, read independently: the four invalid pairs.
 INVALID = {
     ("intra_ss", "infonce"),
     ("intra_ss", "fd"),

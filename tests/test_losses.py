@@ -1,4 +1,4 @@
-"""interaction_loss against an independent numpy reading of METHOD.md, plus gradient rules."""
+"""interaction_loss against an independent numpy reading of docs/method.md, plus gradient rules."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from trainers.graph import STRATEGIES, valid_pairs
 from trainers.losses import interaction_loss
 
-# METHOD.md's table, written out again here on purpose (not imported from trainers.graph).
+# docs/method.md's table, written out again here on purpose (not imported from trainers.graph).
 EDGES = {
     "intra_ts": [("SI", "TI"), ("ST", "TT")],
     "intra_ss": [("SI", "SI"), ("ST", "ST")],
@@ -22,6 +22,9 @@ PARTNERS = {
     "inter_ss": [],
 }
 TEACHER = {"SI": "TI", "ST": "TT", "TI": "TI", "TT": "TT"}
+# docs/method.md, "The Sym partner's orientation": only inter_ts has two readings; image_first
+# compares S = sim(SI, TT) with sim(TI, ST) = Sp^T.
+TRANSPOSE_PARTNER = {"image_first": {"inter_ts"}, "as_written": set()}
 
 
 def np_sim(e, x, y):
@@ -55,11 +58,13 @@ def np_row_kl(a, b):
     return total / a.shape[0]
 
 
-def reference(e, lt, st, t):
+def reference(e, lt, st, t, orientation="image_first"):
     if st in ("sym_sd", "sym_kl"):
         values = []
         for edge, partner in PARTNERS[lt]:
             s, sp = np_sim(e, *edge), np_sim(e, *partner)
+            if lt in TRANSPOSE_PARTNER[orientation]:
+                sp = sp.T
             if st == "sym_sd":
                 values.append(np.mean((s - sp) ** 2))
             else:
@@ -97,6 +102,56 @@ def test_value_matches_independent_reference(learning_type, strategy, temperatur
     got = interaction_loss(emb, learning_type, strategy, temperature)
     assert got.dim() == 0
     assert got.item() == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("orientation", ["image_first", "as_written"])
+@pytest.mark.parametrize("strategy", ["sym_sd", "sym_kl"])
+def test_sym_orientations_match_the_reference(strategy, orientation):
+    emb = make_embeddings(n=6, seed=11)
+    ref = reference({k: v.numpy() for k, v in emb.items()}, "inter_ts", strategy, 0.5, orientation)
+    got = interaction_loss(emb, "inter_ts", strategy, 0.5, orientation=orientation)
+    assert got.item() == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+def _student_equals_teacher(n=6, d=4, seed=3):
+    emb = make_embeddings(n=n, d=d, seed=seed, dtype=torch.float64)
+    emb["SI"] = emb["TI"].clone().requires_grad_(True)
+    emb["ST"] = emb["TT"].clone().requires_grad_(True)
+    return emb
+
+
+# Strategies that distil (compare with the teacher): a student equal to its teacher must sit at
+# the loss's minimum, so distilling it does not move it (docs/method.md's invariant).
+@pytest.mark.parametrize(
+    ("learning_type", "strategy"),
+    [("intra_ts", "sd"), ("intra_ts", "kl"), ("inter_ts", "sd"), ("inter_ts", "kl"),
+     ("inter_ts", "sym_sd"), ("inter_ts", "sym_kl"), ("intra_ts", "fd")],
+)  # fmt: skip
+def test_a_student_equal_to_its_teacher_is_at_the_minimum(learning_type, strategy):
+    emb = _student_equals_teacher()
+    loss = interaction_loss(emb, learning_type, strategy, 0.5)
+    loss.backward()
+    # Every such loss is >= 0 (squares, KL), so 0 is its minimum; the gradient vanishes there.
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    for node in ("SI", "ST"):
+        if emb[node].grad is not None:
+            assert emb[node].grad.abs().max().item() < 1e-10, node
+
+
+@pytest.mark.parametrize("strategy", ["sym_sd", "sym_kl"])
+def test_the_as_written_inter_ts_reading_breaks_the_invariant(strategy):
+    # as_written compares sim(TI, TT) with its transpose, which differ for a generic teacher:
+    # the loss is positive and pushes a perfect student away from its teacher.
+    emb = _student_equals_teacher()
+    loss = interaction_loss(emb, "inter_ts", strategy, 0.5, orientation="as_written")
+    loss.backward()
+    assert loss.item() > 1e-3
+    assert emb["SI"].grad.abs().max().item() > 1e-3
+
+
+def test_unknown_orientation_is_refused():
+    with pytest.raises(ValueError, match=r"sym_orientation 'sideways'.*image_first, as_written"):
+        interaction_loss(make_embeddings(), "inter_ts", "sym_sd", 0.5, orientation="sideways")
 
 
 def test_hand_computed_fd_and_sd():

@@ -357,3 +357,15 @@ def test_report_of_student_counts_the_clip_only() -> None:
     assert parameter_counts(student) == parameter_counts(loaded.model)
     assert isinstance(student, DistillStudent)
     assert embed_dim_of(student) == 128
+
+
+def test_building_a_model_does_not_warn_about_random_init(caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_model("conaclip-student-xs")
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    # Other warnings still pass: the filter is gone once the model is built.
+    with caplog.at_level(logging.WARNING):
+        logging.warning("No pretrained weights loaded for model 'x' (a caller's own warning)")
+    assert any("a caller's own warning" in r.getMessage() for r in caplog.records)

@@ -21,20 +21,25 @@ from trainers.run_config import PairConfig, load_distill_config
 
 BASELINE_KEY = "intra_ts:infonce"
 
-# METHOD.md's peer table and third-party recipe, written out by hand in valid_pairs() order.
+# docs/method.md's peer table and third-party recipe, written out by hand in valid_pairs() order.
 EXPECTED_KEYS = {
     "baseline": [BASELINE_KEY],
     "motis": [BASELINE_KEY],
-    "clip_kd": ["intra_ts:fd*2000,inter_ts:infonce,inter_ss:infonce,inter_ss:kl"],
+    # The peers soften KL at the student's own (learnable) temperature, as their trainers do.
+    "clip_kd": ["intra_ts:fd*2000,inter_ts:infonce,inter_ss:infonce,inter_ss:kl@learnable"],
     "tinyclip": ["inter_ss:kl@0.02"],
-    "mobileclip_lite": ["inter_ss:infonce,inter_ss:kl"],
-    "openclip_distill": ["inter_ss:infonce,inter_ss:kl"],
+    "mobileclip_lite": ["inter_ss:infonce,inter_ss:kl@learnable"],
+    "openclip_distill": ["inter_ss:infonce,inter_ss:kl@learnable"],
     "conaclip_recipe": [
         BASELINE_KEY,
         "intra_ts:infonce,intra_ts:sd,intra_ts:sym_sd,intra_ss:sd,inter_ts:infonce,"
         "inter_ts:sym_kl,inter_ss:infonce,inter_ss:sd",
     ],
-    "smoke": [BASELINE_KEY, "intra_ts:infonce,intra_ts:sd", "intra_ts:infonce,inter_ts:sym_kl"],
+    "smoke": [
+        BASELINE_KEY,
+        "intra_ts:infonce,intra_ts:sd*auto",
+        "intra_ts:infonce,inter_ts:sym_kl*auto",
+    ],
 }
 
 
@@ -84,6 +89,9 @@ def test_single_additions_is_the_strategy_selection_table():
         (extra,) = set(pair_set.pair_names) - {BASELINE_KEY}
         added.append(extra)
         assert pair_set.name == f"baseline+{extra}"
+        # Fair cells: the added pair is weighted by the gradient-share rule, the baseline not.
+        weights = {p.pair: p.weight for p in pair_set.pairs}
+        assert weights == {BASELINE_KEY: 1.0, extra: "auto"}
     everything = [f"{lt}:{st}" for lt, st in valid_pairs()]
     assert sorted(added) == sorted(set(everything) - {BASELINE_KEY})
     assert "intra_ss:infonce" not in added and "inter_ss:sym_kl" not in added
@@ -121,7 +129,10 @@ def test_greedy_candidates_add_each_missing_pair_once():
     candidates = greedy_candidates(current)
     assert len(candidates) == 20 - 3
     assert candidates[0].name == "round2+intra_ts:fd"
-    assert candidates[0].key() == "intra_ts:infonce,intra_ts:fd,intra_ss:sd,inter_ts:sym_kl"
+    assert candidates[0].key() == "intra_ts:infonce,intra_ts:fd*auto,intra_ss:sd,inter_ts:sym_kl"
+    assert greedy_candidates(current, weight=1.0)[0].key() == (
+        "intra_ts:infonce,intra_ts:fd,intra_ss:sd,inter_ts:sym_kl"
+    )
     for candidate in candidates:
         assert set(current.pairs) < set(candidate.pairs) and len(candidate.pairs) == 4
     everything = PairSet("all", tuple(PairConfig(pair=f"{a}:{b}") for a, b in valid_pairs()))

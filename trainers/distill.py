@@ -9,7 +9,14 @@ student-student types, mapped to the teacher's width for teacher-student types) 
 embeddings (from the teacher-embedding cache, or a live no-grad forward) -> all-gathered to the
 global batch (student side with gradient) -> sum over pairs of weight x interaction_loss.
 Every ``eval_every`` steps: retrieval metrics on the eval shards (rank 0), a checkpoint (model,
-optimiser, scheduler, step, RNG) and one report from every rank.
+optimiser, scheduler, step, RNG, and the eval's per-query ranks as ``eval_ranks.npz``) and one
+report from every rank.
+
+Fair cells: a pair with weight "auto" is off during warm-up; over the ``balance_window`` steps
+from ``balance_step`` the loop measures the gradient norm (w.r.t. the student's parameters) of
+each auto pair's loss and of the weighted sum of the fixed-weight pairs, and then fixes the auto
+weight to ``balance_share x |g_fixed| / |g_pair|`` (norms averaged over those steps and over
+DDP ranks). Every report carries ``weight_<pair>`` and ``temperature_<pair>``: what ran.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -36,11 +44,15 @@ from trainers.evaluate import evaluate_retrieval
 from trainers.graph import learning_type_spec
 from trainers.losses import interaction_loss
 from trainers.models import DistillStudent, LoadedModel, build_student, embed_dim_of, load_model
-from trainers.run_config import DistillConfig, load_distill_config
+from trainers.run_config import LEARNABLE, DistillConfig, PairConfig, load_distill_config
 from trainers.teacher_cache import TEACHER_FIELDS, cache_shards
 
 Report = Callable[[dict[str, Any], str | None], None]
+# Called every PROGRESS_EVERY steps of a bare run with (step, total steps, samples/s, loss).
+Progress = Callable[[int, int, float, float], None]
+PROGRESS_EVERY = 5
 CHECKPOINT_FILE = "checkpoint.pt"
+RANKS_FILE = "eval_ranks.npz"  # per-query ranks of the eval in this checkpoint
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
 
 
@@ -91,26 +103,34 @@ def _bare_context(cfg: DistillConfig, report: Report, resume_from: str | None) -
 
 
 def train_loop_per_worker(
-    config: dict[str, Any], report: Report | None = None, resume_from: str | None = None
+    config: dict[str, Any],
+    report: Report | None = None,
+    resume_from: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run one distillation on this worker. Returns the last reported metrics.
 
     config: a DistillConfig as a dict. report: None under Ray Train (ray.train.report is used);
     otherwise called as report(metrics, checkpoint_dir) at each eval. resume_from: a checkpoint
-    directory for bare runs (default: the newest under ``out_dir/checkpoints``).
+    directory for bare runs (default: the newest under ``out_dir/checkpoints``). progress:
+    called every PROGRESS_EVERY steps on rank 0 with (step, steps, samples/s since the last
+    call, loss) so long bare runs can show where they are.
     """
     cfg = load_distill_config(config)
     context = _ray_context() if report is None else _bare_context(cfg, report, resume_from)
-    return DistillationRun(cfg, context).run()
+    return DistillationRun(cfg, context, progress).run()
 
 
 class DistillationRun:
     """State of one worker's run; ``run()`` reads top to bottom like a recipe."""
 
-    def __init__(self, cfg: DistillConfig, context: WorkerContext) -> None:
+    def __init__(
+        self, cfg: DistillConfig, context: WorkerContext, progress: Progress | None = None
+    ) -> None:
         self._created = time.perf_counter()
         self.cfg = cfg
         self.ctx = context
+        self.progress = progress if context.rank == 0 else None
         # Seconds spent in each phase since this worker (re)started; reported with every
         # eval so benchmarks can split a trial's wall-clock without a profiler.
         self.phase_s = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
@@ -142,6 +162,12 @@ class DistillationRun:
         self.samples_seen = 0
         self.skipped = 0
         self.last_metrics: dict[str, Any] = {}
+        self.last_ranks: dict[str, np.ndarray] | None = None
+        self.weights = {p.pair: 0.0 if p.is_auto else float(p.weight) for p in cfg.pairs}
+        self.weights_resolved = not any(p.is_auto for p in cfg.pairs)
+        # Gradient norms summed over the measuring steps: "fixed" and one entry per auto pair.
+        self.norm_sums: dict[str, float] = {}
+        self.norm_count = 0
         if context.resume_dir:
             self._load_checkpoint(Path(context.resume_dir))
         self.use_cache = cfg.needs_teacher and cfg.teacher_cache is not None
@@ -156,14 +182,23 @@ class DistillationRun:
         self.model.train()
         self.phase_s["setup_s"] = time.perf_counter() - self._created
         train_seconds, window_samples = 0.0, 0
+        tick_seconds, tick_samples = 0.0, 0
         while self.step < cfg.steps:
             started = time.perf_counter()
             batch = next(batches)
             losses = self._train_step(batch)
-            train_seconds += time.perf_counter() - started
-            self.phase_s["train_s"] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            self.phase_s["train_s"] += elapsed
             window_samples += batch["image"].shape[0] * ctx.world_size
             self.step += 1
+            tick_seconds += elapsed
+            tick_samples += batch["image"].shape[0] * ctx.world_size
+            if self.progress and (self.step % PROGRESS_EVERY == 0 or self.step == cfg.steps):
+                self.progress(
+                    self.step, cfg.steps, tick_samples / max(tick_seconds, 1e-9), losses["loss"]
+                )
+                tick_seconds, tick_samples = 0.0, 0
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 throughput = window_samples / max(train_seconds, 1e-9)
                 self._report(losses, throughput, eval_set)
@@ -192,19 +227,25 @@ class DistillationRun:
                 teacher = {k: _gather_no_grad(v) for k, v in teacher.items()}
             total = torch.zeros((), device=device)
             losses: dict[str, float] = {}
-            learnable_t = 1.0 / self.student.logit_scale.exp()
+            values: dict[str, Tensor] = {}
             for pair in cfg.pairs:
                 students = (
                     mapped if learning_type_spec(pair.learning_type).involves_teacher else native
                 )
-                temperature = pair.temperature if pair.temperature is not None else learnable_t
                 value = interaction_loss(
-                    {**teacher, **students}, pair.learning_type, pair.strategy, temperature
-                )
-                total = total + pair.weight * value.float()
+                    {**teacher, **students},
+                    pair.learning_type,
+                    pair.strategy,
+                    self._temperature(pair),
+                    orientation=cfg.sym_orientation,
+                ).float()
+                values[pair.pair] = value
+                total = total + self.weights[pair.pair] * value
                 losses[pair.metric_name] = value.item()
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} at step {self.step}: {losses}")
+        if not self.weights_resolved and self.step >= cfg.balance_step:
+            self._measure_gradient_shares(values)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -216,6 +257,45 @@ class DistillationRun:
         self.samples_seen += images.shape[0] * self.ctx.world_size
         losses["loss"] = total.item()
         return losses
+
+    def _temperature(self, pair: PairConfig) -> float | Tensor:
+        temperature = self.cfg.temperature_of(pair)
+        if temperature == LEARNABLE:
+            return 1.0 / self.student.logit_scale.exp()
+        return 1.0 if temperature is None else float(temperature)  # None: the loss reads no t
+
+    def _measure_gradient_shares(self, values: dict[str, Tensor]) -> None:
+        """One step of the fair-cell rule: add this step's gradient norms of the fixed-weight
+        sum and of every auto pair; after ``balance_steps`` steps, fix the auto weights."""
+        cfg = self.cfg
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        fixed = sum(self.weights[p.pair] * values[p.pair] for p in cfg.pairs if not p.is_auto)
+        targets = {"fixed": fixed, **{p.pair: values[p.pair] for p in cfg.pairs if p.is_auto}}
+        measured = torch.stack([gradient_norm(loss, params) for loss in targets.values()])
+        measured = measured.to(self.ctx.device)
+        if self.ctx.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(measured)
+            measured /= self.ctx.world_size
+        for name, norm in zip(targets, measured.tolist(), strict=True):
+            self.norm_sums[name] = self.norm_sums.get(name, 0.0) + norm
+        self.norm_count += 1
+        if self.norm_count < cfg.balance_window:
+            return
+        self.weights.update(gradient_share_weights(self.norm_sums, cfg.balance_share))
+        self.weights_resolved = True
+
+    def _used_settings(self) -> dict[str, float]:
+        """``weight_<pair>`` (0 for an auto pair before it is measured) and, for pairs that
+        read one, ``temperature_<pair>`` (the learnable one at its current value)."""
+        settings: dict[str, float] = {}
+        for pair in self.cfg.pairs:
+            settings[f"weight_{pair.slug}"] = self.weights[pair.pair]
+            if self.cfg.temperature_of(pair) is not None:
+                temperature = self._temperature(pair)
+                if isinstance(temperature, Tensor):
+                    temperature = temperature.detach().item()
+                settings[f"temperature_{pair.slug}"] = float(temperature)
+        return settings
 
     def _teacher_embeddings(
         self, batch: dict[str, Any], images: Tensor, tokens: Tensor
@@ -283,8 +363,9 @@ class DistillationRun:
             return {}
         student = self.student
         student.eval()
+        ranks: dict[str, Tensor] = {}
         try:
-            return evaluate_retrieval(
+            metrics = evaluate_retrieval(
                 lambda x: student.clip.encode_image(x, normalize=True),
                 lambda t: student.clip.encode_text(t, normalize=True),
                 eval_set.images,
@@ -292,9 +373,16 @@ class DistillationRun:
                 eval_set.text_to_image,
                 batch_size=self.cfg.eval_batch_size,
                 device=self.ctx.device,
+                ranks_out=ranks,
             )
         finally:
             student.train()
+        self.last_ranks = {
+            "t2i_rank": ranks["t2i_rank"].numpy(),
+            "i2t_rank": ranks["i2t_rank"].numpy(),
+            "text_to_image": eval_set.text_to_image.long().cpu().numpy(),
+        }
+        return metrics
 
     def _check_live_teacher_inputs(self) -> None:
         teacher, student = self.teacher.model, self.student.clip
@@ -324,6 +412,7 @@ class DistillationRun:
             "skipped_samples": skipped,
             "lr": self.scheduler.get_last_lr()[0],
             "logit_scale": self.student.logit_scale.exp().item(),
+            **self._used_settings(),
         }
         if self.ctx.rank == 0:
             started = time.perf_counter()
@@ -359,11 +448,19 @@ class DistillationRun:
             "python_rng": random.getstate(),
             "student_name": self.cfg.student,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            "weights": dict(self.weights),
+            "weights_resolved": self.weights_resolved,
+            "norm_sums": dict(self.norm_sums),
+            "norm_count": self.norm_count,
         }
         # Write then rename: a crash mid-write never leaves a truncated checkpoint behind.
         partial = directory / (CHECKPOINT_FILE + ".partial")
         torch.save(state, partial)
         os.replace(partial, directory / CHECKPOINT_FILE)
+        if self.last_ranks is not None and self.ctx.rank == 0:
+            partial_ranks = directory / (RANKS_FILE + ".partial.npz")
+            np.savez(partial_ranks, **self.last_ranks)
+            os.replace(partial_ranks, directory / RANKS_FILE)
 
     def _load_checkpoint(self, directory: Path) -> None:
         path = directory / CHECKPOINT_FILE
@@ -383,6 +480,32 @@ class DistillationRun:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_random_state(state["python_rng"]))
         self.last_metrics = dict(state.get("metrics", {}))
+        if "weights" in state:
+            self.weights = {k: float(v) for k, v in state["weights"].items()}
+            self.weights_resolved = bool(state["weights_resolved"])
+            self.norm_sums = {k: float(v) for k, v in state["norm_sums"].items()}
+            self.norm_count = int(state["norm_count"])
+
+
+def gradient_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
+    """L2 norm (0-dim float32, detached) of d loss / d params over all ``params`` together;
+    parameters the loss does not reach count as zero. The graph is kept for the real step."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def gradient_share_weights(norm_sums: dict[str, float], share: float) -> dict[str, float]:
+    """The fair-cell weights: ``norm_sums`` holds gradient norms summed over the same measuring
+    steps for ``"fixed"`` (the weighted sum of the fixed-weight pairs) and for each auto pair;
+    each auto pair gets ``share x fixed / its own`` (the step count cancels), so its weighted
+    gradient is ``share`` x the fixed pairs'. A pair whose gradient was zero gets weight 0."""
+    fixed = norm_sums["fixed"]
+    return {
+        name: (share * fixed / norm if norm > 0 else 0.0)
+        for name, norm in norm_sums.items()
+        if name != "fixed"
+    }
 
 
 def _as_random_state(value: Any) -> tuple:

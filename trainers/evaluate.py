@@ -150,6 +150,55 @@ def _i2t_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: i
     return ranks
 
 
+def retrieval_ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Per-query ranks, the raw material of every recall (and of bootstrap intervals).
+
+    Same inputs and checks as ``retrieval_metrics``. Returns ``(t2i_rank, i2t_rank)`` on CPU,
+    torch.long: ``t2i_rank`` (N_txt) counts the images scoring strictly higher than each
+    caption's own image (0 = its image is first); ``i2t_rank`` (N_img) counts the captions
+    scoring strictly higher than each image's best own caption. R@K = share of ranks < K.
+    """
+    _check_positive("chunk_size", chunk_size)
+    _check_embeddings("image_emb", image_emb)
+    _check_embeddings("text_emb", text_emb)
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise InputError(
+            f"text_emb: expected width {image_emb.shape[1]} like image_emb, got {text_emb.shape[1]}"
+        )
+    if image_emb.device != text_emb.device:
+        raise InputError(
+            f"text_emb: expected the device of image_emb ({image_emb.device}), "
+            f"got {text_emb.device}"
+        )
+    _check_text_to_image(text_to_image, text_emb.shape[0], image_emb.shape[0])
+    with torch.no_grad():
+        image = image_emb.detach().float()
+        text = text_emb.detach().float()
+        ids = text_to_image.detach().to(device=image.device, dtype=torch.long)
+        t2i = _t2i_ranks(image, text, ids, chunk_size)
+        i2t = _i2t_ranks(image, text, ids, chunk_size)
+    return t2i.cpu(), i2t.cpu()
+
+
+def metrics_from_ranks(
+    t2i_rank: Tensor, i2t_rank: Tensor, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """``t2i_R{k}``, ``i2t_R{k}`` (percent), ``rsum`` and ``mean_recall`` from the ranks of
+    ``retrieval_ranks``."""
+    ks = _check_ks(ks)
+    metrics: dict[str, float] = {}
+    for name, ranks in (("t2i", t2i_rank), ("i2t", i2t_rank)):
+        for k in ks:
+            hits = int((ranks < k).sum())
+            metrics[f"{name}_R{k}"] = 100.0 * hits / ranks.numel()
+    recalls = list(metrics.values())
+    metrics["rsum"] = sum(recalls)
+    metrics["mean_recall"] = metrics["rsum"] / len(recalls)
+    return metrics
+
+
 def retrieval_metrics(
     image_emb: Tensor,
     text_emb: Tensor,
@@ -169,35 +218,8 @@ def retrieval_metrics(
     non-finite rows, more than MAX_ROWS (2^24 - 1) rows, or images without a caption.
     """
     ks = _check_ks(ks)
-    _check_positive("chunk_size", chunk_size)
-    _check_embeddings("image_emb", image_emb)
-    _check_embeddings("text_emb", text_emb)
-    if image_emb.shape[1] != text_emb.shape[1]:
-        raise InputError(
-            f"text_emb: expected width {image_emb.shape[1]} like image_emb, got {text_emb.shape[1]}"
-        )
-    if image_emb.device != text_emb.device:
-        raise InputError(
-            f"text_emb: expected the device of image_emb ({image_emb.device}), "
-            f"got {text_emb.device}"
-        )
-    _check_text_to_image(text_to_image, text_emb.shape[0], image_emb.shape[0])
-
-    with torch.no_grad():
-        image = image_emb.detach().float()
-        text = text_emb.detach().float()
-        ids = text_to_image.detach().to(device=image.device, dtype=torch.long)
-        t2i = _t2i_ranks(image, text, ids, chunk_size)
-        i2t = _i2t_ranks(image, text, ids, chunk_size)
-        metrics: dict[str, float] = {}
-        for name, ranks in (("t2i", t2i), ("i2t", i2t)):
-            for k in ks:
-                hits = int((ranks < k).sum())
-                metrics[f"{name}_R{k}"] = 100.0 * hits / ranks.numel()
-    recalls = list(metrics.values())
-    metrics["rsum"] = sum(recalls)
-    metrics["mean_recall"] = metrics["rsum"] / len(recalls)
-    return metrics
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    return metrics_from_ranks(t2i, i2t, ks)
 
 
 @torch.no_grad()
@@ -240,20 +262,22 @@ def evaluate_retrieval(
     device: torch.device | str = "cpu",
     chunk_size: int = 1024,
     ks: Sequence[int] = DEFAULT_KS,
+    ranks_out: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Encode an eval set (images N_img x C x H x W, tokens N_txt x L) and score its retrieval.
 
     Embeddings are computed batch by batch on ``device``, kept on CPU, and scored on ``device``
     by retrieval_metrics(); same keys and units. The ids are checked before any encoding, so a
-    bad eval set fails fast.
+    bad eval set fails fast. ``ranks_out``, when given, receives ``t2i_rank`` and ``i2t_rank``
+    (see ``retrieval_ranks``) so callers can keep the per-query ranks behind the recalls.
     """
+    ks = _check_ks(ks)
     _check_text_to_image(text_to_image, len(tokens), len(images))
     image_emb = encode_batches(encode_image, images, batch_size, device)
     text_emb = encode_batches(encode_text, tokens, batch_size, device)
-    return retrieval_metrics(
-        image_emb.to(device),
-        text_emb.to(device),
-        text_to_image.to(device),
-        ks=ks,
-        chunk_size=chunk_size,
+    t2i, i2t = retrieval_ranks(
+        image_emb.to(device), text_emb.to(device), text_to_image.to(device), chunk_size
     )
+    if ranks_out is not None:
+        ranks_out.update(t2i_rank=t2i, i2t_rank=i2t)
+    return metrics_from_ranks(t2i, i2t, ks)

@@ -1,4 +1,4 @@
-"""The knowledge interaction graph of METHOD.md as data, in one place.
+"""The knowledge interaction graph of docs/method.md as data, in one place.
 
 Four nodes: teacher image ``TI``, teacher text ``TT`` (frozen), student image ``SI``, student
 text ``ST`` (trained). A learning type is a set of edges (student side first) plus the Sym
@@ -11,6 +11,7 @@ and losses, search spaces and validation all follow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from trainers.errors import InputError
 
@@ -50,9 +51,10 @@ class Strategy:
     needs_partner: bool = False  # Sym strategies compare an edge with its partner edge
     uses_counterpart: bool = False  # compares with the edge's teacher counterpart S*
     trivial_on_self_edge: bool = False  # X = Y makes the loss constant
+    uses_temperature: bool = False  # softmax over similarity rows: the loss reads t
 
 
-# METHOD.md, "The knowledge interaction graph".
+# docs/method.md, "The knowledge interaction graph".
 LEARNING_TYPE_TABLE: dict[str, LearningType] = {
     "intra_ts": LearningType(
         edges=(("SI", "TI"), ("ST", "TT")),
@@ -69,22 +71,47 @@ LEARNING_TYPE_TABLE: dict[str, LearningType] = {
     "inter_ss": LearningType(edges=(("SI", "ST"),), partners=()),
 }
 
-# METHOD.md, "Supervision strategies".
+# docs/method.md, "Supervision strategies".
 STRATEGY_TABLE: dict[str, Strategy] = {
-    "infonce": Strategy("contrastive CE over sim(X, Y)/t both ways", trivial_on_self_edge=True),
+    "infonce": Strategy(
+        "contrastive CE over sim(X, Y)/t both ways",
+        trivial_on_self_edge=True,
+        uses_temperature=True,
+    ),
     "fd": Strategy("mean squared L2 distance of paired features", trivial_on_self_edge=True),
     "sd": Strategy(
         "mean squared difference to the teacher similarity matrix", uses_counterpart=True
     ),
     "kl": Strategy(
-        "row-wise KL from the teacher similarity distribution, both ways", uses_counterpart=True
+        "row-wise KL from the teacher similarity distribution, both ways",
+        uses_counterpart=True,
+        uses_temperature=True,
     ),
     "sym_sd": Strategy(
         "mean squared difference between partner similarity matrices", needs_partner=True
     ),
     "sym_kl": Strategy(
-        "symmetric row-wise KL between partner similarity matrices", needs_partner=True
+        "symmetric row-wise KL between partner similarity matrices",
+        needs_partner=True,
+        uses_temperature=True,
     ),
+}
+
+# How a Sym strategy reads the partner matrix Sp. For intra_ts and intra_ss both matrices of a
+# pair are sample x sample with the student side first: one reading. For inter_ts the edges are
+# (SI, TT) and (ST, TI): "as_written" compares S = sim(SI, TT) with Sp = sim(ST, TI) (row i:
+# student text i against the teacher's images), "image_first" with Sp^T = sim(TI, ST), so both
+# matrices are image x text. Only image_first keeps the teacher-student invariant: a student
+# equal to its teacher is at the loss's minimum (both matrices become sim(TI, TT)); as_written
+# then still compares sim(TI, TT) with its transpose. The default follows that invariant and
+# the measurement in docs/method.md.
+SymOrientation = Literal["image_first", "as_written"]
+SYM_ORIENTATIONS: tuple[str, ...] = ("image_first", "as_written")
+DEFAULT_SYM_ORIENTATION: SymOrientation = "image_first"
+PARTNER_TRANSPOSED: dict[str, dict[str, bool]] = {
+    "intra_ts": {"image_first": False, "as_written": False},
+    "intra_ss": {"image_first": False, "as_written": False},
+    "inter_ts": {"image_first": True, "as_written": False},
 }
 
 LEARNING_TYPES: tuple[str, ...] = tuple(LEARNING_TYPE_TABLE)
@@ -172,3 +199,12 @@ def nodes_needed(learning_type: str, strategy: str) -> tuple[Node, ...]:
     if strategy_spec(strategy).uses_counterpart:
         needed |= {node for edge in kind.edges for node in teacher_counterpart(edge)}
     return tuple(node for node in NODES if node in needed)
+
+
+def partner_transposed(learning_type: str, orientation: str = DEFAULT_SYM_ORIENTATION) -> bool:
+    """Whether a Sym strategy compares S with the transpose of its partner matrix."""
+    if orientation not in SYM_ORIENTATIONS:
+        raise InputError(
+            f"sym_orientation {orientation!r}: expected one of {', '.join(SYM_ORIENTATIONS)}"
+        )
+    return PARTNER_TRANSPOSED.get(learning_type, {}).get(orientation, False)

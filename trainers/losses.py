@@ -1,6 +1,6 @@
-"""The six supervision strategies of METHOD.md and ``interaction_loss``.
+"""The six supervision strategies of docs/method.md and ``interaction_loss``.
 
-Definitions (METHOD.md, "Supervision strategies"), for an edge e = (X, Y) with row i of every
+Definitions (docs/method.md, "Supervision strategies"), for an edge e = (X, Y) with row i of every
 matrix belonging to sample i of X: S = X Y^T, S* = the same with each student node replaced by
 its teacher node, Sp = the partner edge's matrix. CE(M) is the mean over rows of the
 cross-entropy of row i against class i; rowKL(A || B) is the mean over rows of
@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainers.graph import (
+    DEFAULT_SYM_ORIENTATION,
     STRATEGIES,
     TEACHER_NODES,
     Edge,
     check_pair,
     learning_type_spec,
     nodes_needed,
+    partner_transposed,
     strategy_spec,
     teacher_counterpart,
 )
@@ -67,17 +69,23 @@ def _kl(nodes: Nodes, edge: Edge, t: Temperature) -> Tensor:
     return 0.5 * (row_kl(s_teacher, s) + row_kl(s_teacher.T, s.T))
 
 
-def _sym_sd(nodes: Nodes, edge: Edge, partner: Edge, t: Temperature) -> Tensor:
-    return (_sim(nodes, edge) - _sim(nodes, partner)).pow(2).mean()
+def _partner_sim(nodes: Nodes, partner: Edge, transposed: bool) -> Tensor:
+    sim = _sim(nodes, partner)
+    return sim.T if transposed else sim
 
 
-def _sym_kl(nodes: Nodes, edge: Edge, partner: Edge, t: Temperature) -> Tensor:
+def _sym_sd(nodes: Nodes, edge: Edge, partner: Edge, transposed: bool, t: Temperature) -> Tensor:
+    return (_sim(nodes, edge) - _partner_sim(nodes, partner, transposed)).pow(2).mean()
+
+
+def _sym_kl(nodes: Nodes, edge: Edge, partner: Edge, transposed: bool, t: Temperature) -> Tensor:
     s = _sim(nodes, edge) / t
-    s_partner = _sim(nodes, partner) / t
+    s_partner = _partner_sim(nodes, partner, transposed) / t
     return 0.5 * (row_kl(s_partner, s) + row_kl(s, s_partner))
 
 
-# One function per strategy: (nodes, edge, t) or, for Sym strategies, (nodes, edge, partner, t).
+# One function per strategy: (nodes, edge, t) or, for Sym strategies,
+# (nodes, edge, partner, transposed, t).
 EDGE_LOSSES: dict[str, Callable[..., Tensor]] = {
     "infonce": _infonce,
     "fd": _fd,
@@ -109,14 +117,20 @@ def _checked_nodes(emb: Mapping[str, Tensor], learning_type: str, strategy: str)
 
 
 def interaction_loss(
-    emb: Mapping[str, Tensor], learning_type: str, strategy: str, temperature: Temperature
+    emb: Mapping[str, Tensor],
+    learning_type: str,
+    strategy: str,
+    temperature: Temperature,
+    orientation: str = DEFAULT_SYM_ORIENTATION,
 ) -> Tensor:
-    """Loss of one (learning type, strategy) pair, exactly as METHOD.md defines it.
+    """Loss of one (learning type, strategy) pair, exactly as docs/method.md defines it.
 
     emb: keys "TI", "TT", "SI", "ST" (only the nodes this pair reads are required), each N x d,
     L2-normalised, one width where an edge compares features directly (students already mapped
     to the teacher's width on teacher-student edges). Teacher entries are detached here.
-    temperature: a float or a 0-dim tensor (learnable: gradient flows into it).
+    temperature: a float or a 0-dim tensor (learnable: gradient flows into it); read only by
+    infonce, kl and sym_kl. orientation: how Sym strategies read the partner matrix
+    (``trainers.graph.PARTNER_TRANSPOSED``; it matters for inter_ts only).
     Returns a 0-dim tensor: the strategy averaged over the type's edges (Sym strategies: over
     its partner pairs, each counted once). Raises ValueError (InputError) for an invalid or
     unknown pair, naming the pair and the valid strategies for the learning type.
@@ -126,7 +140,11 @@ def interaction_loss(
     kind = learning_type_spec(learning_type)
     loss_fn = EDGE_LOSSES[strategy]
     if strategy_spec(strategy).needs_partner:
-        terms = [loss_fn(nodes, edge, partner, temperature) for edge, partner in kind.partners]
+        transposed = partner_transposed(learning_type, orientation)
+        terms = [
+            loss_fn(nodes, edge, partner, transposed, temperature)
+            for edge, partner in kind.partners
+        ]
     else:
         terms = [loss_fn(nodes, edge, temperature) for edge in kind.edges]
     return torch.stack(terms).mean()

@@ -9,13 +9,15 @@ whose unpickling would run code is refused.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,13 +186,33 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
     model.load_state_dict(state, strict=True)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" for every model
+    built without its own `pretrained=` download. Weights here are always loaded afterwards
+    from a local file (or random init is the point), so the warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded for model" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    root, dropper = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
+
+
 def _create(name: str, device: str | torch.device) -> LoadedModel:
     """A randomly initialised open_clip model for a resolved name, with transforms and tokenizer."""
     model_cfg = open_clip.get_model_config(name)
     # pretrained_text/image=False: open_clip would otherwise fetch HF/timm tower weights.
-    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-        name, pretrained=None, device=device, pretrained_image=False, pretrained_text=False
-    )
+    with _quiet_random_init():
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            name, pretrained=None, device=device, pretrained_image=False, pretrained_text=False
+        )
     try:
         tokenizer = open_clip.get_tokenizer(name)
     except OSError as error:

@@ -8,27 +8,63 @@ turns pydantic's report into the one-line message the CLI prints.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.errors import InputError
-from trainers.graph import parse_pair
+from trainers.graph import DEFAULT_SYM_ORIENTATION, SymOrientation, parse_pair, strategy_spec
 
 PositiveInt = Annotated[int, Field(gt=0)]
+AUTO = "auto"
+LEARNABLE = "learnable"
+# The distillation temperature of the KL-family strategies (kl, sym_kl): it softens similarity
+# rows into the distributions to be matched (Hinton), and is a setting of the loss, not the
+# student's contrastive temperature. At the student's learnable temperature (~0.067 after a
+# short run) inter_ts:sym_kl collapses below chance; docs/method.md tables the measurement
+# behind this default. No t^2 factor is applied: see docs/method.md, "Temperatures".
+KD_TEMPERATURE = 0.1
+# Fair cells: an auto-weighted pair gets this share of the gradient norm of the fixed-weight
+# pairs (the baseline), measured over BALANCE_STEPS steps right after warm-up.
+BALANCE_SHARE = 0.5
+BALANCE_STEPS = 5
+
+
+def _positive_or(value: Any, word: str) -> Any:
+    # One clear message instead of pydantic's one-per-union-member report.
+    if value == word:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"Input should be greater than 0 or '{word}', got {value!r}")
+    return float(value)
 
 
 class PairConfig(BaseModel):
     """One (learning type, strategy) term of the loss: ``weight x interaction_loss(...)``.
 
-    temperature None means the student's learnable temperature (1 / logit_scale, as in CLIP).
+    weight: a positive float, or "auto": chosen inside the run so that this pair's gradient
+    norm is ``balance_share`` x the gradient norm of the pairs with numeric weights, measured
+    right after warm-up (the pair is off until then; see DistillConfig).
+    temperature: a positive float, "learnable" (the student's 1 / logit_scale, as in CLIP), or
+    None for the strategy's default: learnable for infonce, ``kd_temperature`` for kl and
+    sym_kl; fd, sd and sym_sd read no temperature.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pair: str = Field(description="learning_type:strategy, e.g. intra_ts:infonce")
-    weight: float = Field(default=1.0, gt=0)
-    temperature: float | None = Field(default=None, gt=0)
+    weight: float | Literal["auto"] = 1.0
+    temperature: float | Literal["learnable"] | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight(cls, value: Any) -> Any:
+        return _positive_or(value, AUTO)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value: Any) -> Any:
+        return None if value is None else _positive_or(value, LEARNABLE)
 
     @field_validator("pair")
     @classmethod
@@ -47,14 +83,23 @@ class PairConfig(BaseModel):
     @property
     def metric_name(self) -> str:
         """Metric key of this pair's loss: ``loss_intra_ts_infonce`` (no ':' or '@')."""
-        return "loss_" + self.pair.replace(":", "_")
+        return "loss_" + self.slug
+
+    @property
+    def slug(self) -> str:
+        """``intra_ts_infonce``: the pair as a metric-name fragment."""
+        return self.pair.replace(":", "_")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.weight == AUTO
 
 
 def parse_pairs(spec: str | list[Any]) -> list[PairConfig]:
     """``"intra_ts:infonce,inter_ss:kl*0.5"`` or a list of strings/dicts -> PairConfigs.
 
-    In the string form ``*W`` sets a weight and ``@T`` a fixed temperature:
-    ``inter_ss:kl*2@0.05``.
+    In the string form ``*W`` sets a weight (``*auto``: the gradient-share rule) and ``@T`` a
+    temperature (``@learnable``: the student's own): ``inter_ss:kl*2@0.05``.
     """
     items = [p for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
     pairs = []
@@ -68,9 +113,10 @@ def parse_pairs(spec: str | list[Any]) -> list[PairConfig]:
             text, _, weight = text.partition("*")
             fields: dict[str, Any] = {"pair": text.strip()}
             if weight:
-                fields["weight"] = float(weight)
+                fields["weight"] = AUTO if weight.strip() == AUTO else float(weight)
             if temperature:
-                fields["temperature"] = float(temperature)
+                text_t = temperature.strip()
+                fields["temperature"] = LEARNABLE if text_t == LEARNABLE else float(text_t)
             pairs.append(PairConfig(**fields))
     return pairs
 
@@ -110,6 +156,19 @@ class DistillConfig(BaseModel):
     global_batch: bool = Field(
         default=True, description="similarity matrices over the all-gathered global batch"
     )
+    kd_temperature: float = Field(
+        default=KD_TEMPERATURE, gt=0, description="default temperature of kl and sym_kl pairs"
+    )
+    sym_orientation: SymOrientation = Field(
+        default=DEFAULT_SYM_ORIENTATION, description="how Sym strategies read inter_ts partners"
+    )
+    balance_share: float = Field(
+        default=BALANCE_SHARE, gt=0, description="gradient-norm share of each *auto pair"
+    )
+    balance_after: int | None = Field(
+        default=None, ge=0, description="step where *auto weights are measured (None: warm-up)"
+    )
+    balance_steps: int = Field(default=BALANCE_STEPS, ge=1, description="steps averaged")
     amp: bool = Field(default=False, description="bfloat16 autocast on GPU; ignored on CPU")
     torch_threads: int | None = Field(default=None, ge=1)
     out_dir: str = Field(default="", description="where checkpoints go when run without Ray")
@@ -126,6 +185,16 @@ class DistillConfig(BaseModel):
         names = [p.pair for p in self.pairs]
         if len(set(names)) != len(names):
             raise ValueError(f"pairs: each pair may appear once, got {', '.join(names)}")
+        if any(p.is_auto for p in self.pairs) and all(p.is_auto for p in self.pairs):
+            raise ValueError(
+                "pairs: weight auto is a share of the fixed-weight pairs' gradient; at least "
+                "one pair needs a numeric weight"
+            )
+        if any(p.is_auto for p in self.pairs) and self.balance_step >= self.steps - 1:
+            raise ValueError(
+                f"balance_after: *auto weights are measured from step {self.balance_step}, but "
+                f"the run has {self.steps} steps; expected a step below {self.steps - 1}"
+            )
         if self.needs_teacher and not self.teacher:
             raise ValueError(
                 f"teacher: pairs {', '.join(p.pair for p in self.teacher_pairs)} need a teacher"
@@ -145,6 +214,29 @@ class DistillConfig(BaseModel):
     @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_pairs)
+
+    @property
+    def balance_step(self) -> int:
+        """First step whose gradients measure the *auto weights: ``balance_after``, by default
+        the end of warm-up (or mid-run for runs shorter than twice their warm-up)."""
+        if self.balance_after is not None:
+            return self.balance_after
+        return min(self.warmup_steps, self.steps // 2)
+
+    @property
+    def balance_window(self) -> int:
+        """Steps averaged for the *auto weights: ``balance_steps``, fewer when the run would
+        otherwise end before its auto pairs are switched on."""
+        return max(1, min(self.balance_steps, self.steps - self.balance_step - 1))
+
+    def temperature_of(self, pair: PairConfig) -> float | Literal["learnable"] | None:
+        """The temperature ``pair`` trains at: its own, else its strategy's default; None for
+        strategies that read none (fd, sd, sym_sd)."""
+        if not strategy_spec(pair.strategy).uses_temperature:
+            return None
+        if pair.temperature is not None:
+            return pair.temperature
+        return LEARNABLE if pair.strategy == "infonce" else self.kd_temperature
 
 
 def describe_validation_error(error: ValidationError, source: str | Path = "config") -> str:

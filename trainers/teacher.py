@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainers.distill import CHECKPOINT_FILE, train_loop_per_worker
+from trainers.distill import CHECKPOINT_FILE, Progress, train_loop_per_worker
 from trainers.errors import InputError
 from trainers.models import build_student, export_student
 from trainers.run_config import DistillConfig
@@ -66,7 +66,16 @@ def config_hash(cfg: DistillConfig) -> str:
     """Stable hash of everything that changes the trained weights (not where outputs go)."""
     from trainers.data import expand_urls
 
-    fields = cfg.model_dump(mode="json", exclude={"out_dir", "torch_threads", "loader_workers"})
+    # Settings of distillation pairs the CLIP loss never reads stay out, so adding one to
+    # DistillConfig does not orphan every trained teacher.
+    unused = {"kd_temperature", "sym_orientation"} | {
+        "balance_share",
+        "balance_after",
+        "balance_steps",
+    }
+    fields = cfg.model_dump(
+        mode="json", exclude={"out_dir", "torch_threads", "loader_workers", *unused}
+    )
     fields["train_shards"] = [_identity(p) for p in expand_urls(cfg.train_shards)]
     fields["eval_shards"] = [_identity(p) for p in expand_urls(cfg.eval_shards)]
     text = json.dumps(fields, sort_keys=True)
@@ -85,12 +94,14 @@ def train_teacher(
     cache_root: str | Path,
     on_report: Callable[[dict[str, Any]], None] | None = None,
     force: bool = False,
+    on_progress: Progress | None = None,
 ) -> TeacherResult:
     """Train (or reuse) the teacher described by ``cfg``; returns where its weights are.
 
     Runs in this process without Ray (one CPU process is the fastest way to train a model this
     small here). Checkpoints go under the result directory, so an interrupted training resumes
-    from its last eval on the next call.
+    from its last eval on the next call. ``on_progress`` is called every few steps (see
+    ``trainers.distill.Progress``) so a caller can show steps, samples/s and an ETA.
     """
     if cfg.needs_teacher or [p.pair for p in cfg.pairs] != ["inter_ss:infonce"]:
         raise InputError("teacher pre-training uses exactly the pair inter_ss:infonce")
@@ -108,7 +119,9 @@ def train_teacher(
         if on_report:
             on_report(metrics)
 
-    metrics = train_loop_per_worker(run_cfg.model_dump(mode="json"), report=report)
+    metrics = train_loop_per_worker(
+        run_cfg.model_dump(mode="json"), report=report, progress=on_progress
+    )
     latest = sorted((directory / "checkpoints").glob("step_*"))[-1] / CHECKPOINT_FILE
     state = torch.load(latest, map_location="cpu", weights_only=True)
     student, _ = build_student(cfg.student, teacher_embed_dim=None)
