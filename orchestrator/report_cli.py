@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator import select, table, tracking
+from orchestrator import select, stats, table, tracking
+from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
 DEFAULT_OUT = Path("runs/ablate")
 
 
-def _add_source_flags(parser: argparse.ArgumentParser) -> None:
+def add_source_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--experiment", metavar="NAME", help="MLflow experiment (default: the newest ablation)"
     )
@@ -40,6 +41,23 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric", default="rsum", help="metric to compare pair sets by (default: rsum)"
     )
+    parser.add_argument(
+        "--correction",
+        choices=stats.CORRECTIONS,
+        default="holm",
+        help="multiple-comparison correction across the table's rows: holm (family-wise, "
+        "default) or bh (Benjamini-Hochberg, false discovery rate)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.05, help="level of the better/worse verdict (0.05)"
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=int,
+        default=stats.DEFAULT_N_BOOT,
+        metavar="B",
+        help=f"bootstrap resamples of the eval queries (default: {stats.DEFAULT_N_BOOT})",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,11 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     table_parser = subparsers.add_parser(
         "table",
         help="the strategy-selection table read from MLflow",
-        description="One row per pair set: recalls as mean ± std over seeds, delta vs the "
-        "baseline, steps, status. Prints the table, writes it with a heatmap PNG (learning "
-        "type x strategy) under DIR/reports/<experiment>/ and logs both to MLflow.",
+        description="One row per pair set: the metric's mean with a 95% interval over seeds, "
+        "the gain over the baseline paired by seed with intervals over seeds (training noise) "
+        "and over eval queries (bootstrap), adjusted p-values and a verdict (better / worse / "
+        "open). Prints the table, writes it with a heatmap PNG (learning type x strategy) "
+        "under DIR/reports/<experiment>/ and logs both to MLflow.",
     )
-    _add_source_flags(table_parser)
+    add_source_flags(table_parser)
     table_parser.add_argument(
         "--format", choices=table.FORMATS, default="md", help="output format (default: md)"
     )
@@ -60,12 +80,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best = subparsers.add_parser(
         "best",
         help="the winning pair set and the combined recipe",
-        description="Print the best pair set with its numbers and the combined recipe (the "
-        "baseline plus every pair whose mean gain beats its std) as YAML for "
-        "`conaclip ablate --config`; also written to DIR/reports/<experiment>/recipe.yaml.",
+        description="Print the pair set that is significantly better than the baseline (or "
+        "say that none is, with the leading candidate and what would settle it) and the "
+        "combined recipe (the baseline plus every single addition whose verdict is better) "
+        "as YAML for `conaclip ablate --config`; also written to "
+        "DIR/reports/<experiment>/recipe.yaml.",
     )
-    _add_source_flags(best)
-    best.add_argument("--verify", action="store_true", help="run the recipe as one more trial")
+    add_source_flags(best)
+    best.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the recipe with the baseline's seeds and print its paired gain",
+    )
     best.set_defaults(handler=_best)
 
 
@@ -75,6 +101,25 @@ def _runs(args: argparse.Namespace) -> pd.DataFrame:
     return tracking.runs_frame(uri, args.experiment)
 
 
+def _selection(args: argparse.Namespace, runs: pd.DataFrame) -> pd.DataFrame:
+    """The table with the eval ranks of the runs loaded for the bootstrap; its note (why some
+    bootstrap columns are NaN) goes to stderr."""
+    if args.n_boot < 1:
+        raise InputError(f"--n-boot {args.n_boot}: expected at least 1 resample")
+    ranks = table.load_ranks(runs.attrs["tracking_uri"], runs)
+    result = table.selection_table(
+        runs,
+        args.metric,
+        ranks=ranks,
+        correction=args.correction,
+        alpha=args.alpha,
+        n_boot=args.n_boot,
+    )
+    if result.attrs.get("boot_note"):
+        print(result.attrs["boot_note"], file=sys.stderr)
+    return result
+
+
 def _report_dir(out: Path, experiment: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
     return out / "reports" / safe
@@ -82,7 +127,7 @@ def _report_dir(out: Path, experiment: str) -> Path:
 
 def _table(args: argparse.Namespace) -> int:
     runs = _runs(args)
-    result = table.selection_table(runs, args.metric)
+    result = _selection(args, runs)
     text = table.format_table(result, args.format)
     sys.stdout.write(text)
     experiment = runs.attrs["experiment"]
@@ -101,28 +146,60 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(row: pd.Series, low: str, high: str) -> str:
+    if pd.isna(row[low]) or pd.isna(row[high]):
+        return "n/a"
+    return f"[{row[low]:.2f}, {row[high]:.2f}]"
+
+
 def _numbers(row: pd.Series, metric: str) -> list[str]:
-    def pm(name: str) -> str:
-        return f"{row[f'{name}_mean']:.2f} ± {row[f'{name}_std']:.2f}"
+    """The row's numbers: recalls as mean [95% CI over seeds], the metric, its paired gain."""
+
+    def mean_ci(name: str) -> str:
+        return table.mean_cell(row, name).replace("—", "n/a")
 
     lines = [
         f"  pairs: {row['pairs']}",
         f"  seeds: {row['seeds']}  steps: {row['steps']}  status: {row['status']}",
-        "  t2i R@1/5/10: " + " / ".join(pm(f"t2i_R{k}") for k in (1, 5, 10)),
-        "  i2t R@1/5/10: " + " / ".join(pm(f"i2t_R{k}") for k in (1, 5, 10)),
-        f"  rsum: {pm('rsum')}",
+    ]
+    used = [
+        f"{label} {row[column]:.3g}"
+        for label, column in (("weight", "used_weight"), ("temperature", "used_temperature"))
+        if pd.notna(row.get(column))
+    ]
+    if used:
+        lines.append(f"  the added pair ran with {', '.join(used)}")
+    boot = f"(eval-query bootstrap {_interval(row, 'boot_low', 'boot_high')})"
+    lines += [
+        "  t2i R@1/5/10: " + " / ".join(mean_ci(f"t2i_R{k}") for k in (1, 5, 10)),
+        "  i2t R@1/5/10: " + " / ".join(mean_ci(f"i2t_R{k}") for k in (1, 5, 10)),
+        f"  rsum: {mean_ci('rsum')}" + (f"  {boot}" if metric == "rsum" else ""),
     ]
     if metric != "rsum":
-        lines.append(f"  {metric}: {pm(metric)}")
-    delta = row[f"delta_{metric}"]
-    if not pd.isna(delta):
-        lines.append(f"  Δ {metric} vs baseline: {delta:+.2f}")
+        lines.append(f"  {metric}: {mean_ci(metric)}  {boot}")
+    if not row["is_baseline"]:
+        lines.append(f"  gain vs baseline (paired by seed): {select.gain_text(row, metric)}")
+        lines.append(f"  verdict: {row['verdict']} ({select.p_text(row)})")
     return lines
 
 
-def _verify(runs: pd.DataFrame, recipe, out: Path) -> int:
-    """Run the combined recipe as one more trial of the same ablation (same data, teacher,
-    student and budget, read back from the runs' MLflow params); it joins the table as a row."""
+def _seeds_of_baseline(result: pd.DataFrame) -> list[int]:
+    """The ``params.seed`` values of the baseline's finished runs (from the table), ascending."""
+    base = result[result["is_baseline"]]
+    by_seed = base[f"{result.attrs['metric']}_by_seed"].iloc[0] if len(base) else {}
+    seeds = sorted(int(s) for s in by_seed if s.lstrip("-").isdigit())
+    if not seeds:
+        raise InputError("best --verify: no finished baseline run with a seed param to repeat")
+    return seeds
+
+
+def _verify(
+    args: argparse.Namespace, runs: pd.DataFrame, result: pd.DataFrame, recipe: PairSet, out: Path
+) -> int:
+    """Run the combined recipe as more trials of the same ablation (same data, teacher,
+    student and budget, read back from the runs' MLflow params) with the SAME seeds as the
+    baseline, so its gain is paired seed by seed; then re-read the table and print the
+    recipe row's paired gain with its intervals."""
     from orchestrator.ablate_cli import summarize
     from orchestrator.ablation import AblationSpec, pair_sets_payload, run_ablation
     from orchestrator.ray_cluster import init_ray
@@ -134,29 +211,70 @@ def _verify(runs: pd.DataFrame, recipe, out: Path) -> int:
             raise InputError(f"best --verify: the runs do not share one {name} param ({values})")
         return values.pop()
 
+    seeds = _seeds_of_baseline(result)
     run = DistillConfig(
-        pairs=list(recipe.pairs), student=shared("student"), teacher=shared("teacher") or None,
+        pairs=list(recipe.pairs),
+        student=shared("student"),
+        teacher=shared("teacher") or None,
         teacher_checkpoint=shared("teacher_checkpoint") or None,
-        teacher_cache=shared("teacher_cache") or None, train_shards=shared("train_shards"),
-        eval_shards=shared("eval_shards"), steps=int(shared("steps")),
-        eval_every=int(shared("eval_every")), batch_size=int(shared("batch_size")),
-    )  # fmt: skip
+        teacher_cache=shared("teacher_cache") or None,
+        train_shards=shared("train_shards"),
+        eval_shards=shared("eval_shards"),
+        steps=int(shared("steps")),
+        eval_every=int(shared("eval_every")),
+        batch_size=int(shared("batch_size")),
+    )
     experiment = runs.attrs["experiment"]
     spec = AblationSpec(
-        name=f"{experiment}-verify", experiment=experiment, preset="verify",
-        pair_sets=pair_sets_payload([recipe]), run=run, out_dir=str(out.resolve()),
+        name=f"{experiment}-verify",
+        experiment=experiment,
+        preset="verify",
+        pair_sets=pair_sets_payload([recipe]),
+        seeds=seeds,
+        run=run,
+        out_dir=str(out.resolve()),
         tracking_uri=runs.attrs["tracking_uri"],
-    )  # fmt: skip
+    )
+    print(f"\nverifying {recipe.key()} with the baseline's seeds {seeds}", file=sys.stderr)
     init_ray(None, log_to_driver=False)
-    return summarize(run_ablation(spec), spec)
+    code = summarize(run_ablation(spec), spec)
+    after = _selection(args, tracking.runs_frame(runs.attrs["tracking_uri"], experiment))
+    rows = after[(after["pair_set"] == recipe.name) & (after["pairs"] == recipe.key())]
+    if rows.empty or rows.iloc[0]["seeds"] == 0:
+        print(f"verify: the recipe {recipe.key()} has no finished run", file=sys.stderr)
+        return code or 1
+    row = rows.iloc[0]
+    print(
+        f"\nverified {recipe.name} ({row['seeds']} seeds): gain vs baseline "
+        f"{select.gain_text(row, args.metric)}; verdict {row['verdict']}"
+    )
+    return code
+
+
+def _others(result: pd.DataFrame) -> str:
+    count = int((result["verdict"] == "better").sum()) - 1
+    if count < 1:
+        return ""
+    return f"; {count} other row{'s are' if count > 1 else ' is'} significantly better too"
 
 
 def _best(args: argparse.Namespace) -> int:
     runs = _runs(args)
-    result = table.selection_table(runs, args.metric)
-    winner = select.best_pair_set(result, args.metric)
-    print(f"best pair set by {args.metric}: {winner['pair_set']}")
-    print("\n".join(_numbers(winner, args.metric)))
+    result = _selection(args, runs)
+    choice = select.choose(result, args.metric)
+    if choice.winner is not None:
+        print(f"best pair set by {args.metric}: {choice.winner['pair_set']}")
+        print("\n".join(_numbers(choice.winner, args.metric)))
+        print(
+            f"  significant: both adjusted p below {result.attrs['alpha']} "
+            f"({result.attrs['correction']} across the table's rows){_others(result)}"
+        )
+    else:
+        print(f"best pair set by {args.metric}: none is significantly better than the baseline")
+        print(choice.reason[0].upper() + choice.reason[1:])
+        if choice.leading is not None:
+            print(f"leading candidate: {choice.leading['pair_set']}")
+            print("\n".join(_numbers(choice.leading, args.metric)))
     if result.attrs.get("baseline") is None:
         print("no baseline run in this experiment: no combined recipe", file=sys.stderr)
         return 0
@@ -165,10 +283,19 @@ def _best(args: argparse.Namespace) -> int:
     folder = _report_dir(args.out, runs.attrs["experiment"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(text)
-    print(f"\ncombined recipe (baseline + every pair whose mean gain beats its std): "
-          f"{recipe.key()}")  # fmt: skip
+    base = result.attrs["baseline"]
+    if recipe.key() == base:
+        print(
+            f"\ncombined recipe: the baseline alone ({base}); no single addition has a "
+            "significant gain"
+        )
+    else:
+        print(
+            f"\ncombined recipe (baseline + every single addition whose gain is significant):"
+            f" {recipe.key()}"
+        )
     print(f"# conaclip ablate --config {folder / 'recipe.yaml'}")
     sys.stdout.write(text)
     if args.verify:
-        return _verify(runs, recipe, args.out)
+        return _verify(args, runs, result, recipe, args.out)
     return 0

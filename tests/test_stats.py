@@ -1,0 +1,205 @@
+"""orchestrator.stats on hand-made numbers: t intervals and tests (scipy as the independent
+reference), Holm / Benjamini-Hochberg on hand-computed examples, recalls from ranks, and the
+cluster bootstrap against a direct loop over resamples, queries and captions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from orchestrator import stats
+
+# t_{0.975, 2} from a printed t table (4.303), to more digits.
+T_975_2 = 4.302652729749
+
+
+def test_t_interval_matches_hand_computation_and_scipy():
+    mean, std, low, high = stats.t_interval([126.0, 138.0, 150.0])
+    # mean 138, sample std 12, half-width 4.3027 * 12 / sqrt(3) = 29.8097
+    assert (mean, std) == (138.0, 12.0)
+    assert low == pytest.approx(138 - T_975_2 * 12 / np.sqrt(3))
+    assert high == pytest.approx(138 + T_975_2 * 12 / np.sqrt(3))
+    assert low == pytest.approx(108.190347, abs=1e-6)
+    x = np.array([3.1, -0.4, 2.2, 5.0, 1.7, 0.9])
+    ref = scipy_stats.t.interval(0.9, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+    assert stats.t_interval(x, confidence=0.9)[2:] == pytest.approx(ref)
+
+
+def test_t_interval_small_samples_and_nans():
+    assert stats.t_interval([7.5])[0] == 7.5
+    assert np.isnan(stats.t_interval([7.5])[1:]).all()
+    assert np.isnan(stats.t_interval([])).all()
+    assert stats.t_interval([1.0, np.nan, 3.0])[:2] == (2.0, pytest.approx(np.sqrt(2)))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1.0, 2.0, 3.0], [-36.0, 12.0, 60.0], [0.3, -0.1], [5.0, 4.0, 6.5, 5.5, 4.2, 7.7, 3.3]],
+)
+def test_t_test_p_matches_scipy(values):
+    assert stats.t_test_p(values) == pytest.approx(scipy_stats.ttest_1samp(values, 0).pvalue)
+
+
+def test_t_test_p_edge_cases():
+    assert np.isnan(stats.t_test_p([3.0]))
+    assert stats.t_test_p([0.0, 0.0, 0.0]) == 1.0  # scipy: NaN; no difference at all
+    assert stats.t_test_p([24.0, 24.0]) == 0.0  # as scipy: t is infinite
+
+
+def test_holm_by_hand():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06
+    adjusted = stats.adjust_pvalues([0.01, 0.04, 0.03, 0.005], "holm")
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # NaN is not a member: m = 2
+    adjusted = stats.adjust_pvalues([0.01, np.nan, 0.04])
+    assert adjusted[[0, 2]] == pytest.approx([0.02, 0.04]) and np.isnan(adjusted[1])
+    assert stats.adjust_pvalues([0.5, 0.6], "holm") == pytest.approx([1.0, 1.0])  # capped
+    assert stats.adjust_pvalues([0.02, 0.02], "holm") == pytest.approx([0.04, 0.04])  # ties
+
+
+def test_benjamini_hochberg_by_hand():
+    # sorted: 0.005*4/1 = 0.02, 0.01*4/2 = 0.02, 0.03*4/3 = 0.04, 0.04*4/4 = 0.04
+    adjusted = stats.adjust_pvalues([0.01, 0.04, 0.03, 0.005], "bh")
+    assert adjusted == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    # 0.5*2/1 = 1.0, 0.6*2/2 = 0.6 -> running min from the top: 0.6, 0.6
+    assert stats.adjust_pvalues([0.5, 0.6], "bh") == pytest.approx([0.6, 0.6])
+    # 0.01*3 = 0.03, 0.02*3/2 = 0.03, 0.9*3/3 = 0.9
+    assert stats.adjust_pvalues([0.9, np.nan, 0.02, 0.01], "bh")[[0, 2, 3]] == pytest.approx(
+        [0.9, 0.03, 0.03]
+    )
+
+
+def test_adjust_pvalues_empty_family_and_bad_method():
+    assert np.isnan(stats.adjust_pvalues([np.nan, np.nan])).all()
+    assert stats.adjust_pvalues([]).shape == (0,)
+    with pytest.raises(ValueError, match="correction 'bonferroni'"):
+        stats.adjust_pvalues([0.1], "bonferroni")
+
+
+def test_seeds_needed_from_a_t_table():
+    # mean 8, std 8: need t_{0.975, n-1} < sqrt(n): n = 6: 2.571 > 2.449; n = 7: 2.447 < 2.646
+    assert stats.seeds_needed(8.0, 8.0) == 7
+    assert stats.seeds_needed(-8.0, 8.0) == 7  # the sign does not matter
+    # alpha / 4 = 0.0125 needs more seeds than alpha
+    assert stats.seeds_needed(8.0, 8.0, family=4) > 7
+    assert stats.seeds_needed(1.0, 100.0) is None  # more than 20
+    assert stats.seeds_needed(1.0, np.nan) is None
+
+
+def ranks_of(t2i, i2t, text_to_image) -> dict[str, np.ndarray]:
+    return {
+        "t2i_rank": np.asarray(t2i, dtype=np.int64),
+        "i2t_rank": np.asarray(i2t, dtype=np.int64),
+        "text_to_image": np.asarray(text_to_image, dtype=np.int64),
+    }
+
+
+# 3 images; captions 0, 1 -> image 0; 2 -> image 1; 3, 4, 5 -> image 2
+SMALL = ranks_of([0, 6, 3, 0, 12, 1], [2, 0, 9], [0, 0, 1, 2, 2, 2])
+
+
+def test_recalls_from_ranks_by_hand():
+    got = stats.recalls_from_ranks(SMALL)
+    # t2i ranks 0, 6, 3, 0, 12, 1: < 1: 2 of 6; < 5: 4 of 6; < 10: 5 of 6
+    # i2t ranks 2, 0, 9: < 1: 1 of 3; < 5: 2 of 3; < 10: 3 of 3
+    expected = {"t2i_R1": 100 / 3, "t2i_R5": 200 / 3, "t2i_R10": 500 / 6,
+                "i2t_R1": 100 / 3, "i2t_R5": 200 / 3, "i2t_R10": 100.0}  # fmt: skip
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value)
+    assert got["rsum"] == pytest.approx(sum(expected.values()))
+    assert got["mean_recall"] == pytest.approx(sum(expected.values()) / 6)
+
+
+def test_check_ranks_names_the_problem():
+    assert stats.check_ranks(SMALL) is None
+    assert stats.check_ranks({"t2i_rank": SMALL["t2i_rank"]}) == "missing i2t_rank, text_to_image"
+    assert "1-D integer" in stats.check_ranks({**SMALL, "i2t_rank": np.array([0.5, 1.0, 2.0])})
+    assert "ids for 5 captions" in stats.check_ranks({**SMALL, "t2i_rank": np.arange(5)})
+    assert "outside [0, 3)" in stats.check_ranks({**SMALL, "text_to_image": np.arange(6)})
+    no_caption = {**SMALL, "text_to_image": np.array([0, 0, 0, 2, 2, 2])}
+    assert stats.check_ranks(no_caption) == "an image has no caption"
+    assert stats.eval_set_id(SMALL).startswith("3 images, 6 captions, id ")
+    assert stats.eval_set_id(SMALL) != stats.eval_set_id(no_caption)
+
+
+def test_bootstrap_indices_are_seeded_and_in_range():
+    a = stats.bootstrap_indices(5, 40, seed=3)
+    assert a.shape == (40, 5) and a.dtype == np.int64 and a.min() >= 0 and a.max() <= 4
+    assert np.array_equal(a, stats.bootstrap_indices(5, 40, seed=3))
+    assert not np.array_equal(a, stats.bootstrap_indices(5, 40, seed=4))
+
+
+def _loop_recalls(ranks, indices, ks=(1, 5, 10)) -> dict[str, np.ndarray]:
+    """The slow, obvious bootstrap: per resample, list the drawn images' captions one by one."""
+    captions_of = {i: [] for i in range(len(ranks["i2t_rank"]))}
+    for caption, image in enumerate(ranks["text_to_image"]):
+        captions_of[int(image)].append(caption)
+    out: dict[str, list[float]] = {}
+    for row in indices:
+        captions = [c for image in row for c in captions_of[int(image)]]
+        total = 0.0
+        for k in ks:
+            value = 100.0 * sum(ranks["t2i_rank"][c] < k for c in captions) / len(captions)
+            out.setdefault(f"t2i_R{k}", []).append(value)
+            total += value
+        for k in ks:
+            value = 100.0 * sum(ranks["i2t_rank"][i] < k for i in row) / len(row)
+            out.setdefault(f"i2t_R{k}", []).append(value)
+            total += value
+        out.setdefault("rsum", []).append(total)
+        out.setdefault("mean_recall", []).append(total / 6)
+    return {name: np.array(values) for name, values in out.items()}
+
+
+def test_bootstrap_matches_a_direct_loop_on_hand_made_ranks():
+    indices = stats.bootstrap_indices(3, 60, seed=11)
+    fast = stats.QueryBootstrap(indices).recalls(SMALL)
+    slow = _loop_recalls(SMALL, indices)
+    assert set(fast) == set(stats.RANK_METRICS)
+    for name in stats.RANK_METRICS:
+        np.testing.assert_allclose(fast[name], slow[name], rtol=0, atol=1e-9)
+    # A resample that draws every image once gives the point estimate.
+    whole = stats.QueryBootstrap(np.array([[0, 1, 2], [2, 1, 0]])).recalls(SMALL)
+    assert whole["rsum"] == pytest.approx([stats.recalls_from_ranks(SMALL)["rsum"]] * 2)
+    # Image 2 drawn three times: its 3 captions count 3 times (9 of 9 captions).
+    only_2 = stats.QueryBootstrap(np.array([[2, 2, 2]])).recalls(SMALL)
+    assert only_2["t2i_R1"] == pytest.approx([100 * 3 / 9])  # ranks 0, 12, 1 -> one hit each
+    assert only_2["i2t_R10"] == pytest.approx([100.0])
+
+
+def test_bootstrap_matches_the_loop_on_random_ranks():
+    rng = np.random.default_rng(5)
+    n_img = 9
+    ids = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 13)])
+    ranks = ranks_of(rng.integers(0, 12, ids.size), rng.integers(0, 25, n_img), ids)
+    indices = stats.bootstrap_indices(n_img, 80, seed=2)
+    draw = stats.QueryBootstrap(indices)
+    slow = _loop_recalls(ranks, indices)
+    for name in stats.RANK_METRICS:
+        np.testing.assert_allclose(draw.metric(ranks, name), slow[name], atol=1e-9)
+    with pytest.raises(KeyError, match="loss is not computable"):
+        draw.metric(ranks, "loss")
+    with pytest.raises(ValueError, match="3 images, the draw has 9"):
+        draw.recalls(SMALL)
+
+
+def test_bootstrap_p_by_hand():
+    # #{g <= 0} = 1 -> 2/5; #{g >= 0} = 3 -> 4/5; p = 2 * 0.4
+    assert stats.bootstrap_p([1.0, 2.0, 3.0, -1.0]) == pytest.approx(0.8)
+    assert stats.bootstrap_p(np.arange(1.0, 10.0)) == pytest.approx(2 * 1 / 10)
+    assert stats.bootstrap_p(np.zeros(7)) == 1.0
+    assert np.isnan(stats.bootstrap_p([]))
+
+
+def test_identical_runs_give_a_zero_gain_interval_and_p_one():
+    draw = stats.QueryBootstrap(stats.bootstrap_indices(3, 500))
+    gains = draw.metric(SMALL, "rsum") - draw.metric(dict(SMALL), "rsum")
+    assert stats.percentile_interval(gains) == (0.0, 0.0)
+    assert stats.bootstrap_p(gains) == 1.0
+
+
+def test_percentile_interval():
+    assert stats.percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+    assert stats.percentile_interval(np.arange(101.0), 0.5) == pytest.approx((25.0, 75.0))
+    assert np.isnan(stats.percentile_interval([])).all()
