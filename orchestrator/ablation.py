@@ -1,11 +1,13 @@
 """The ablation: one Ray Tune trial per (pair set, seed), each a Ray Train run, logged to MLflow.
 
-The search space is a Tune grid over pair-set names and seeds; the pair sets themselves come
-from a preset (``search_spaces``) or the user, validated against ``trainers.graph`` before
-anything starts, so an invalid pair never reaches a trial. Tune runs as many trials at once as
-the cluster's free resources hold (``max_concurrent_trials``), so one command fills a laptop or
-a large cluster. Trial errors do not stop the others: ``Tuner.fit`` returns a ResultGrid, and
-``AblationOutcome.failed`` names each failed trial and where its error is.
+The search space is a Tune grid over pair-set names and seeds (or over an explicit list of
+(pair set, seed) trials, which a race round needs: its trials are not always a full product);
+the pair sets themselves come from a preset (``search_spaces``) or the user, validated against
+``trainers.graph`` before anything starts, so an invalid pair never reaches a trial. Tune runs
+as many trials at once as the cluster's free resources hold (``max_concurrent_trials``), so one
+command fills a laptop or a large cluster. Trial errors do not stop the others: ``Tuner.fit``
+returns a ResultGrid, and ``AblationOutcome.failed`` names each failed trial and where its
+error is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.trial import ScalingSpec, distill_trial
 from search_spaces.presets import PairSet, pair_text
@@ -26,6 +28,25 @@ from trainers.run_config import DistillConfig
 
 Scheduler = Literal["fifo", "asha"]
 TRIAL_DRIVER_MEMORY = 64 * 1024 * 1024  # bytes of Ray's logical memory resource
+
+
+class RaceSettings(BaseModel):
+    """How ``--race`` spends seeds; stored with the spec so ``--resume`` races on alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_seeds: int = Field(default=2, ge=1, description="seeds every cell starts with (K0)")
+    max_seeds: int = Field(default=5, ge=1, description="no cell runs more seeds than this (M)")
+    metric: str = "rsum"
+
+    @model_validator(mode="after")
+    def _max_covers_start(self) -> RaceSettings:
+        if self.max_seeds < self.start_seeds:
+            raise ValueError(
+                f"--max-seeds {self.max_seeds} is below --seeds {self.start_seeds}: "
+                "every cell starts with --seeds seeds"
+            )
+        return self
 
 
 class AblationSpec(BaseModel):
@@ -47,7 +68,17 @@ class AblationSpec(BaseModel):
     out_dir: str
     tracking_uri: str
     max_concurrent_trials: int | None = Field(default=None, ge=1)
-    round: int | None = None  # greedy rounds
+    round: int | None = None  # greedy and race rounds
+    tune_output: bool = Field(
+        default=False, description="Tune's own per-trial tables instead of the live line"
+    )
+    trials: list[tuple[str, int]] | None = Field(
+        default=None,
+        description="explicit (pair set, seed) trials in run order; None = pair_sets x seeds",
+    )
+    race: RaceSettings | None = Field(
+        default=None, description="--race settings; on its rounds too, so --resume finds the race"
+    )
 
     @property
     def experiment_name(self) -> str:
@@ -61,9 +92,24 @@ class AblationSpec(BaseModel):
     def train_storage(self) -> Path:
         return Path(self.out_dir).resolve() / "train_runs"
 
+    @model_validator(mode="after")
+    def _trials_name_pair_sets(self) -> AblationSpec:
+        unknown = sorted({name for name, _ in self.trials or () if name not in self.pair_sets})
+        if unknown:
+            raise ValueError(f"trials name pair sets the spec lacks: {', '.join(unknown)}")
+        return self
+
     @property
     def trial_count(self) -> int:
+        if self.trials is not None:
+            return len(self.trials)
         return len(self.pair_sets) * len(self.seeds)
+
+    def trial_list(self) -> list[tuple[str, int]]:
+        """Every (pair set, seed) this spec runs, in Tune's order."""
+        if self.trials is not None:
+            return [(name, seed) for name, seed in self.trials]
+        return [(name, seed) for seed in self.seeds for name in self.pair_sets]
 
 
 def default_name(preset: str) -> str:
@@ -78,15 +124,40 @@ def pair_sets_payload(pair_sets: list[PairSet]) -> dict[str, list[dict[str, Any]
     return {ps.name: [p.model_dump(mode="json") for p in ps.pairs] for ps in pair_sets}
 
 
+def trial_key(pair_set: str, seed: int) -> str:
+    """``"<pair set>/<seed>"``: one grid value naming a trial (split at the last '/')."""
+    return f"{pair_set}/{seed}"
+
+
+def _pair_set_of(config: dict[str, Any]) -> str:
+    return config["trial"].rsplit("/", 1)[0]
+
+
+def _seed_of(config: dict[str, Any]) -> int:
+    return int(config["trial"].rsplit("/", 1)[1])
+
+
 def param_space(spec: AblationSpec) -> dict[str, Any]:
-    """Tune's search space: a grid over pair-set names x seeds, constants beside it."""
+    """Tune's search space, constants beside it: a grid over pair-set names x seeds, or, when
+    ``spec.trials`` is set, a grid over its ``trial_key`` values from which ``pair_set`` and
+    ``seed`` are derived, so trials and the MLflow logger read the same two keys either way."""
     from ray import tune
 
     run = spec.run.model_dump(mode="json")
     run["torch_threads"] = run.get("torch_threads") or max(1, int(spec.scaling.cpus_per_worker))
+    if spec.trials is not None:
+        axes = {
+            "trial": tune.grid_search([trial_key(name, seed) for name, seed in spec.trials]),
+            "pair_set": tune.sample_from(_pair_set_of),
+            "seed": tune.sample_from(_seed_of),
+        }
+    else:
+        axes = {
+            "pair_set": tune.grid_search(list(spec.pair_sets)),
+            "seed": tune.grid_search(list(spec.seeds)),
+        }
     return {
-        "pair_set": tune.grid_search(list(spec.pair_sets)),
-        "seed": tune.grid_search(list(spec.seeds)),
+        **axes,
         "baseline": spec.baseline,
         "pair_sets": spec.pair_sets,
         "run": run,
@@ -203,6 +274,12 @@ def _tuner(spec: AblationSpec, resume: bool):
         scheduler = ASHAScheduler(
             time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2
         )
+    concurrency = max_concurrent(spec)
+    callbacks: list[Any] = [logger]
+    if not spec.tune_output:
+        from orchestrator.live_view import LiveView
+
+        callbacks.append(LiveView(spec.trial_count, concurrency))
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
@@ -210,14 +287,15 @@ def _tuner(spec: AblationSpec, resume: bool):
             metric="rsum",
             mode="max",
             scheduler=scheduler,
-            max_concurrent_trials=max_concurrent(spec),
+            max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=str(spec.tune_dir),
-            callbacks=[logger],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=1,
+            # 0: Tune's tables stay quiet and the live line is the progress.
+            verbose=1 if spec.tune_output else 0,
         ),
     )
 

@@ -1,0 +1,155 @@
+"""Seed racing replayed offline on a full grid: how many trial-steps would ``--race`` have spent,
+and would it have reached the full grid's verdict?
+
+    # 1. a full grid: every pair set (baseline included) at M seeds
+    conaclip ablate --preset single_additions --seeds 5 --out runs/bench/race --name grid5
+    # 2. the race replayed on it, from 2 seeds to at most 5
+    python benchmarks/race_replay.py --tracking-uri sqlite:///$PWD/runs/bench/race/mlruns.db \\
+        --experiment grid5 --start-seeds 2 --max-seeds 5 --out runs/bench/race/replay.json
+
+Why a replay is the race: a trial's result depends only on its (pair set, seed, settings), never
+on which other trials ran or when (each trial seeds its own model and data order; evaluation
+does not touch the training RNG). The race that ``conaclip ablate --race`` would have run with
+these settings would therefore have seen exactly the runs of the grid it asked for. The replay
+runs the race's own loop (``orchestrator.race.race_loop``, the same ``decide`` and
+``visible_runs``) with nothing to launch: at each round only the runs the race would have asked
+for are visible (seeds below each cell's count: the open cells and the baseline at round k's
+seeds, a dropped cell at the seeds it had when dropped), and the verdict is built from the
+same table the race would have printed.
+
+The full grid's verdict (``orchestrator.race.verdict_of`` over every cell of the table of all
+runs with seed < M) is compared part by part with the race's: the winner, the set of cells
+with verdict "better" and the set with verdict "worse". Output: a JSON report (``--out``) and
+one Markdown table row on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import trainers  # noqa: E402,F401  (torchvision compat before anything imports open_clip)
+from orchestrator import race, tracking  # noqa: E402
+from trainers.errors import InputError  # noqa: E402
+
+MARKDOWN_HEADER = (
+    "| experiment | seeds | race trials | race trial-steps | full grid trial-steps | share "
+    "| race winner | grid winner | same winner | same better | same worse |\n"
+    "|---|---|---:|---:|---:|---:|---|---|:-:|:-:|:-:|"
+)
+
+
+def grid_cells(runs: pd.DataFrame) -> tuple[str, list[str], int]:
+    """(baseline, other pair sets in first-run order, steps per trial) of a grid's runs."""
+    trials = runs[runs["params.pairs"].notna()] if "params.pairs" in runs else runs.iloc[0:0]
+    if trials.empty:
+        raise InputError("no conaclip trial runs in the experiment")
+    tagged = trials.get("tags.conaclip.baseline", pd.Series("", index=trials.index))
+    baselines = sorted(set(trials.loc[tagged.astype("string").str.lower() == "true",
+                                      "params.pair_set"]))  # fmt: skip
+    if len(baselines) != 1:
+        raise InputError(f"expected one baseline pair set (tag conaclip.baseline), found "
+                         f"{baselines or 'none'}")  # fmt: skip
+    names = list(dict.fromkeys(trials["params.pair_set"].astype(str)))
+    steps = pd.to_numeric(trials["params.steps"], errors="coerce").dropna()
+    return baselines[0], [n for n in names if n != baselines[0]], int(steps.max())
+
+
+def full_grid_verdict(
+    runs: pd.DataFrame, baseline: str, cells: list[str], max_seeds: int, metric: str, ranks
+) -> race.RaceVerdict:
+    """The verdict of the full grid at ``max_seeds`` seeds; InputError when a (cell, seed) of
+    it has no FINISHED run."""
+    every = {name: max_seeds for name in (baseline, *cells)}
+    done = race.finished_trials(runs)
+    for trial in race.round_plan(baseline, cells, max_seeds):
+        if trial not in done:
+            raise InputError(f"not a full grid at {max_seeds} seeds: no FINISHED run of "
+                             f"{trial[0]} seed {trial[1]}")  # fmt: skip
+    visible = race.visible_runs(runs, every)
+    table = race.race_table(visible, metric, ranks(visible) if ranks else None)
+    return race.verdict_of(table, cells, metric)
+
+
+def replay(
+    runs: pd.DataFrame,
+    start_seeds: int,
+    max_seeds: int,
+    metric: str = "rsum",
+    ranks=None,
+    say=race._say,
+) -> dict[str, Any]:
+    """The race replayed on ``runs`` (a full grid's ``runs_frame``) and the comparison with the
+    full grid's verdict, as the JSON-ready report ``main`` writes."""
+    baseline, cells, steps = grid_cells(runs)
+    grid = full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks)
+    result = race.race_loop(baseline, cells, start_seeds, max_seeds, lambda: runs, None,
+                            metric=metric, steps=steps, ranks=ranks, say=say)  # fmt: skip
+    assert result.verdict is not None
+    return {
+        "experiment": runs.attrs.get("experiment"),
+        "start_seeds": start_seeds,
+        **result.as_dict(),
+        "share": result.spent_steps / result.full_steps,
+        "grid_verdict": grid.as_dict(),
+        "same": result.verdict.same_as(grid),
+    }
+
+
+def markdown_row(report: dict[str, Any]) -> str:
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "**no**"
+
+    same = report["same"]
+    return (
+        f"| {report['experiment']} | {report['start_seeds']}..{report['max_seeds']} "
+        f"| {report['trials']} | {report['spent_steps']} | {report['full_steps']} "
+        f"| {report['share']:.0%} | {report['verdict']['winner'] or '-'} "
+        f"| {report['grid_verdict']['winner'] or '-'} | {yes(same['winner'])} "
+        f"| {yes(same['better'])} | {yes(same['worse'])} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracking-uri", required=True, help="MLflow URI holding the full grid")
+    parser.add_argument("--experiment", required=True, help="the grid's MLflow experiment")
+    parser.add_argument("--start-seeds", type=int, default=2, help="K0, as --seeds under --race")
+    parser.add_argument("--max-seeds", type=int, default=5, help="M, as --max-seeds")
+    parser.add_argument("--metric", default="rsum")
+    parser.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="do not read the runs' eval ranks (bootstrap columns NaN, every verdict open)",
+    )
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    try:
+        tracking.check_tracking_uri(args.tracking_uri, must_exist=True)
+        runs = tracking.runs_frame(args.tracking_uri, args.experiment)
+        ranks = None if args.no_bootstrap else race.RanksCache(args.tracking_uri)
+        report = replay(runs, args.start_seeds, args.max_seeds, args.metric, ranks)
+    except InputError as error:
+        print(f"race_replay: error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    print(MARKDOWN_HEADER)
+    print(markdown_row(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Seed racing: the decision on hand-built tables, the loop replayed on hand-built runs through
+the real selection table, the replay benchmark on a real SQLite MLflow store, and
+`conaclip ablate --race` end to end on a real local Ray cluster (then resumed: no new trial)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_ablation import data_flags  # the same tiny data and teacher flags
+
+from orchestrator import race
+from orchestrator.cli import main
+from trainers.errors import InputError
+
+NAN = math.nan
+ROOT = Path(__file__).resolve().parents[1]
+# Student-t quantiles t_{0.975, df}, the half-width factors of the table's 95% intervals.
+T1, T2 = 12.706204736174698, 4.302652729749464
+
+
+def row(name, mean, low, high, verdict="open", *, baseline=False, seeds=2, gain=NAN,
+        gain_low=NAN, gain_high=NAN, p=NAN):  # fmt: skip
+    """One table row with the columns the race reads (selection_table's contract)."""
+    return {
+        "pair_set": name, "pairs": name, "is_baseline": baseline, "seeds": seeds,
+        "rsum_mean": mean, "rsum_ci_low": low, "rsum_ci_high": high,
+        "gain_n": pd.NA if baseline else seeds, "gain_mean": gain, "gain_ci_low": gain_low,
+        "gain_ci_high": gain_high, "p_seed_adj": p, "p_boot_adj": p,
+        "verdict": "baseline" if baseline else verdict,
+    }  # fmt: skip
+
+
+def table(*rows):
+    return pd.DataFrame(list(rows))
+
+
+BASE = row("base", 90.0, 88.0, 92.0, baseline=True)
+
+
+# ------------------------------------------------------------------------------ decide
+def test_clearly_worse_cell_is_dropped_with_its_reason():
+    t = table(
+        BASE,
+        row("a", 91.0, 85.0, 97.0),
+        row("w", 70.0, 60.0, 80.0, "worse", gain=-20.0, gain_low=-22.5, gain_high=-17.5, p=0.012),
+    )
+    step = race.decide(t, ["a", "w"], seeds=2, max_seeds=5)
+    assert step.kept == ("a",)
+    assert step.dropped == {
+        "w": "worse than the baseline (gain -20.00, 95% CI -22.50..-17.50, adjusted p 0.012)"
+    }
+    assert step.leader == "a"
+    # The leader is still open against the baseline: one more seed for it and the baseline.
+    assert (step.stop, step.next_seeds) == (False, 3)
+    assert race.round_plan("base", step.kept, step.next_seeds) == [
+        ("base", 0), ("a", 0), ("base", 1), ("a", 1), ("base", 2), ("a", 2)
+    ]  # fmt: skip
+
+
+def test_worse_is_dropped_even_when_its_interval_reaches_the_leader():
+    # A paired test can call a cell worse although its own interval overlaps everyone's.
+    t = table(BASE, row("a", 91.0, 80.0, 102.0), row("w", 88.0, 70.0, 106.0, "worse", p=0.01))
+    step = race.decide(t, ["a", "w"], seeds=3, max_seeds=5)
+    assert step.kept == ("a",) and list(step.dropped) == ["w"]
+
+
+def test_a_cell_dropped_as_worse_cannot_lead():
+    # x has the top mean but its paired gain is significantly negative (it ran seeds the
+    # baseline lacks); the leader is a, and b lies below a's interval.
+    t = table(BASE, row("x", 95.0, 94.0, 96.0, "worse", p=0.01), row("a", 91.0, 89.0, 93.0),
+              row("b", 80.0, 78.0, 82.0))  # fmt: skip
+    step = race.decide(t, ["x", "a", "b"], seeds=3, max_seeds=5)
+    assert step.leader == "a" and list(step.dropped) == ["x", "b"] and step.kept == ("a",)
+    assert "of the leader a" in step.dropped["b"]
+
+
+def test_hand_computed_intervals_from_the_real_table_drop_the_cell_below_the_leader():
+    # seeds 0..2: baseline 90,91,92; a 95,96,97; b 80,81,82; c 93,97,90. Each sd over seeds
+    # is 1 for the first three: CI = mean -/+ T2 / sqrt(3) = mean -/+ 2.4841.
+    # c: mean 93.3333, sd sqrt(37/3) = 3.5119, CI 93.3333 -/+ 8.7241 = 84.6092..102.0575.
+    runs = grid_runs({"base": [90, 91, 92], "a": [95, 96, 97], "b": [80, 81, 82],
+                      "c": [93, 97, 90]})  # fmt: skip
+    t = race.race_table(runs, "rsum")
+    rows = t.set_index("pair_set")
+    assert rows.loc["a", "rsum_ci_low"] == pytest.approx(96 - T2 / math.sqrt(3))
+    assert rows.loc["c", "rsum_ci_high"] == pytest.approx(
+        93 + 1 / 3 + T2 * 3.5118845842842 / 3**0.5
+    )
+    step = race.decide(t, ["a", "b", "c"], seeds=3, max_seeds=5)
+    assert step.leader == "a"
+    # b: 81 + 2.4841 = 83.4841 < 93.5159 (a's low): it cannot be the best; c overlaps a.
+    assert step.dropped == {"b": "rsum CI high 83.48 is below the CI low 93.52 of the leader a"}
+    assert step.kept == ("a", "c")
+    assert not step.stop and step.next_seeds == 4
+    assert step.reason == "1 cell(s) not yet told apart from the leader a"
+
+
+def test_open_cells_are_kept_and_get_one_more_seed():
+    t = table(BASE, row("a", 93.0, 86.0, 100.0), row("b", 91.0, 84.0, 98.0))
+    step = race.decide(t, ["a", "b"], seeds=2, max_seeds=5)
+    assert step.kept == ("a", "b") and step.dropped == {}
+    assert (step.stop, step.next_seeds, step.leader) == (False, 3, "a")
+
+
+def test_one_seed_gives_no_interval_so_nothing_is_dropped_on_intervals():
+    t = table(row("base", 90.0, NAN, NAN, baseline=True, seeds=1), row("a", 99.0, NAN, NAN,
+              seeds=1), row("b", 10.0, NAN, NAN, seeds=1))  # fmt: skip
+    step = race.decide(t, ["a", "b"], seeds=1, max_seeds=3)
+    assert step.kept == ("a", "b") and not step.stop and step.next_seeds == 2
+
+
+def test_baseline_is_never_dropped_and_can_lead():
+    # The baseline leads; a's interval lies below the baseline's, b overlaps it.
+    t = table(BASE, row("a", 80.0, 75.0, 85.0), row("b", 89.0, 86.0, 92.0))
+    step = race.decide(t, ["base", "a", "b"], seeds=2, max_seeds=5)
+    assert step.leader == "base"
+    assert "base" not in step.kept and "base" not in step.dropped
+    assert step.dropped == {"a": "rsum CI high 85.00 is below the CI low 88.00 of the leader base"}
+    assert step.kept == ("b",)
+    # The baseline runs every seed the kept cells run, also when it is far behind a leader.
+    far = table(row("base", 50.0, 49.0, 51.0, baseline=True), row("a", 95.0, 94.0, 96.0),
+                row("b", 94.5, 93.0, 96.0))  # fmt: skip
+    step = race.decide(far, ["a", "b"], seeds=2, max_seeds=5)
+    assert step.kept == ("a", "b")
+    assert [t for t in race.round_plan("base", step.kept, 3) if t[0] == "base"] == [
+        ("base", 0), ("base", 1), ("base", 2)
+    ]  # fmt: skip
+
+
+def test_stops_at_max_seeds_with_cells_still_open():
+    t = table(BASE, row("a", 93.0, 86.0, 100.0), row("b", 91.0, 84.0, 98.0))
+    step = race.decide(t, ["a", "b"], seeds=5, max_seeds=5)
+    assert step.stop and step.next_seeds == 5 and step.kept == ("a", "b")
+    assert step.reason == "reached --max-seeds 5 with 2 cell(s) still open"
+
+
+def test_stops_when_settled_and_names_the_winner():
+    # a is better than the baseline and b's interval lies below a's: only a is left.
+    t = table(BASE, row("a", 99.0, 97.0, 101.0, "better", gain=9.0, p=0.01),
+              row("b", 93.0, 90.0, 96.0))  # fmt: skip
+    step = race.decide(t, ["a", "b"], seeds=3, max_seeds=5)
+    assert step.stop and step.kept == ("a",) and step.next_seeds == 3
+    assert step.reason == "settled: only the leader a is left, verdict better"
+    verdict = race.verdict_of(t, step.kept)
+    assert verdict == race.RaceVerdict("a", "a", ("a",), ())
+    # Over every cell (the full grid's view) a is still the winner: 97 > b's 96.
+    assert race.verdict_of(t, ["a", "b"]).winner == "a"
+
+
+def test_settled_when_every_cell_is_dropped_below_the_baseline():
+    t = table(BASE, row("w", 60.0, 55.0, 65.0, "worse", p=0.001), row("v", 70, 66, 74))
+    step = race.decide(t, ["w", "v"], seeds=2, max_seeds=5)
+    assert step.stop and step.kept == () and step.leader == "base"
+    assert step.reason == "settled: no cell is left but the baseline"
+    assert race.verdict_of(t, step.kept) == race.RaceVerdict(None, "base", (), ("w",))
+
+
+def test_lone_leader_still_open_against_the_baseline_races_on():
+    t = table(BASE, row("a", 95.0, 89.0, 101.0), row("b", 80.0, 78.0, 82.0))
+    step = race.decide(t, ["a", "b"], seeds=2, max_seeds=5)
+    assert step.kept == ("a",) and not step.stop and step.next_seeds == 3
+    assert step.reason == "the leader a is not yet told apart from the baseline"
+
+
+def test_no_winner_without_separation_from_every_rival():
+    t = table(BASE, row("a", 99.0, 96.0, 102.0, "better"), row("b", 97.0, 95.0, 99.0, "better"),
+              row("w", 80.0, 70.0, 100.0, "worse"))  # fmt: skip
+    verdict = race.verdict_of(t, ["a", "b", "w"])
+    assert verdict.winner is None and verdict.leader == "a"
+    assert (verdict.better, verdict.worse) == (("a", "b"), ("w",))
+    # Without b, a wins: w (worse than a baseline a beats) is no rival.
+    assert race.verdict_of(t, ["a", "w"]).winner == "a"
+
+
+# ------------------------------------------------------------------------------ the ledger
+def grid_runs(values: dict[str, list[float]], baseline: str = "base", status=None):
+    """A runs_frame-shaped grid: one FINISHED run per (pair set, seed) with that rsum."""
+    keys = {baseline: "intra_ts:infonce", "a": "intra_ts:infonce,intra_ts:sd",
+            "b": "intra_ts:infonce,inter_ss:kl", "c": "intra_ts:infonce,intra_ss:sd"}  # fmt: skip
+    rows = []
+    for name, series in values.items():
+        for seed, value in enumerate(series):
+            rows.append({
+                "run_id": f"{name}-{seed}", "status": "FINISHED",
+                "params.pair_set": name, "params.pairs": keys[name], "params.seed": str(seed),
+                "params.steps": "10",
+                "tags.conaclip.status": (status or {}).get((name, seed), "FINISHED"),
+                "tags.conaclip.baseline": str(name == baseline).lower(),
+                "metrics.rsum": float(value),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_finished_trials_reads_the_status_tag_and_visible_runs_the_limits():
+    runs = grid_runs({"base": [1, 2, 3], "a": [4, 5, 6]}, status={("a", 1): "FAILED"})
+    assert race.finished_trials(runs) == {("base", 0), ("base", 1), ("base", 2), ("a", 0),
+                                          ("a", 2)}  # fmt: skip
+    visible = race.visible_runs(runs, {"base": 2, "a": 1})
+    assert list(visible["run_id"]) == ["base-0", "base-1", "a-0"]
+    assert race.finished_trials(pd.DataFrame(columns=["run_id", "status"])) == set()
+
+
+def test_check_ledger_refuses_runs_made_with_other_settings():
+    runs = grid_runs({"base": [1], "a": [2]})
+    keys = {"base": "intra_ts:infonce", "a": "intra_ts:infonce,intra_ts:sd"}
+    race.check_ledger(runs, keys, steps=10)
+    with pytest.raises(
+        InputError,
+        match=r"run a-0 \(a seed 0\) has pairs intra_ts:infonce,intra_ts:sd and 10 steps",
+    ):
+        race.check_ledger(runs, {**keys, "a": "intra_ts:infonce,inter_ss:kl"}, steps=10)
+    with pytest.raises(InputError, match="this race intra_ts:infonce and 20"):
+        race.check_ledger(runs, keys, steps=20)
+
+
+GRID = {"base": [90, 91, 92], "a": [95, 96, 97], "b": [80, 81, 82], "c": [93, 97, 90]}
+
+
+def test_replayed_race_sees_only_what_it_asked_for():
+    # Round 1 (seeds 0,1; half-width T1 * 0.7071 / 1.4142 = T1 / 2 = 6.3531 at sd 0.7071):
+    # a 95.5 (89.1469..101.8531) leads; b 80.5 (..86.8531) < 89.1469 is dropped;
+    # c 95 +- T1 * 2 = 69.5876..120.4124 stays. Round 2 (seeds 0..2) = the previous test.
+    lines: list[str] = []
+    runs = grid_runs(GRID)
+    result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, steps=10,
+                            say=lines.append)  # fmt: skip
+    first, second = result.rounds
+    assert first.step.dropped == {"b": "rsum CI high 86.85 is below the CI low 89.15 of the "
+                                       "leader a"}  # fmt: skip
+    assert first.step.kept == ("a", "c") and first.launched == []
+    assert second.seeds == 3 and second.step.stop and second.step.kept == ("a", "c")
+    assert second.planned == race.round_plan("base", ["a", "c"], 3)
+    # 4 cells x 2 seeds, then seed 2 of base, a and c: 11 of the 12 trials, b's seed 2 unseen.
+    assert len(result.asked) == 11 and ("b", 2) not in result.asked
+    assert (result.spent_steps, result.full_steps) == (110, 120)
+    assert result.verdict == race.RaceVerdict(None, "a", (), ())  # no bootstrap: all open
+    assert lines[0] == (
+        "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (2/3): "
+        "a, c; dropped: b (rsum CI high 86.85 is below the CI low 89.15 of the leader a); "
+        "leader a; 1 cell(s) not yet told apart from the leader a"
+    )
+    assert race.verdict_lines(result)[0] == (
+        "race verdict (rsum, 2 round(s), up to 3 seeds): winner none (the leader a is not yet "
+        "better than the baseline); better: -; worse: -"
+    )
+    assert race.verdict_lines(result)[1] == (
+        "race spent 11 trials = 110 trial-steps vs 120 for the full grid (4 pair sets x 3 "
+        "seeds): 92%"
+    )
+
+
+def test_race_loop_launches_only_what_the_ledger_lacks():
+    ledger = grid_runs({"base": [90, 91], "a": [95, 96], "b": [80, 81], "c": [93, 97]})
+    full = grid_runs(GRID)
+    calls: list[tuple[int, list]] = []
+
+    def launch(number, trials):
+        calls.append((number, trials))
+        nonlocal ledger
+        ledger = full  # the launched trials now have their runs
+        return []
+
+    result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
+                            say=lambda _: None)  # fmt: skip
+    assert calls == [(2, [("base", 2), ("a", 2), ("c", 2)])]
+    assert result.rounds[0].launched == [] and result.rounds[1].launched == calls[0][1]
+
+
+def test_replay_needs_every_run_the_race_asks_for():
+    runs = grid_runs({"base": [90, 91, 92], "a": [95, 96], "b": [80, 81, 82], "c": [93, 97, 90]})
+    with pytest.raises(InputError, match="no FINISHED run of a seed 2: not a full grid"):
+        race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, say=lambda _: None)
+
+
+def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
+    from orchestrator import tracking
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    experiment = tracking.get_or_create_experiment(uri, "grid")
+    client = tracking.client(uri)
+    for record in grid_runs(GRID).to_dict("records"):
+        run = client.create_run(experiment, tags={
+            "conaclip.ablation_id": "grid", "conaclip.status": "FINISHED",
+            "conaclip.baseline": record["tags.conaclip.baseline"]})  # fmt: skip
+        for key in ("pair_set", "pairs", "seed", "steps"):
+            client.log_param(run.info.run_id, key, record[f"params.{key}"])
+        client.log_metric(run.info.run_id, "rsum", record["metrics.rsum"], step=10)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    out = tmp_path / "replay.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "race_replay.py"), "--tracking-uri", uri,
+         "--experiment", "grid", "--start-seeds", "2", "--max-seeds", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    report = json.loads(out.read_text())
+    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (11, 110, 120)
+    assert [r["dropped"] for r in report["rounds"]] == [
+        {"b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a"}, {}
+    ]  # fmt: skip
+    assert report["verdict"] == {"winner": None, "leader": "a", "better": [], "worse": []}
+    assert report["grid_verdict"] == report["verdict"]
+    assert report["same"] == {"winner": True, "better": True, "worse": True}
+    assert done.stdout.splitlines()[-1] == (
+        "| grid | 2..3 | 11 | 110 | 120 | 92% | - | - | yes | yes | yes |"
+    )
+
+
+# ------------------------------------------------------------------------------ the CLI
+def test_race_needs_a_baseline_and_max_seeds_at_least_seeds(capsys):
+    assert main(["ablate", "--pairs", "intra_ts:infonce;intra_ts:sd", "--race", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("conaclip: error: --race: the pair sets")
+    code = main(["ablate", "--preset", "smoke", "--race", "--seeds", "3", "--max-seeds", "2",
+                 "--dry-run"])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "conaclip: error: --max-seeds 2 is below --seeds 3: every cell starts with --seeds"
+    )
+    assert main(["ablate", "--preset", "smoke", "--max-seeds", "4", "--dry-run"]) == 2
+    assert "only with --race" in capsys.readouterr().err
+
+
+def test_race_dry_run_shows_round_one(capsys):
+    assert main(["ablate", "--preset", "smoke", "--race", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("race: round 1 runs every pair set at seeds 0..1;")
+    assert "up to 5 seeds (at most 15 trials = 90 trial-steps)" in out[0]
+    assert out[1] == ("6 trials (3 pair sets, explicit trial list), 6 steps each = 36 "
+                      "trial-steps (batch 16 x 1 worker(s))")  # fmt: skip
+    assert [line.split()[1:4] for line in out[2:]] == [
+        [name, "seed", str(seed)] for seed in (0, 1)
+        for name in ("baseline", "baseline+intra_ts:sd", "baseline+inter_ts:sym_kl")
+    ]  # fmt: skip
+
+
+def test_help_explains_race_and_max_seeds(capsys):
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--race seed racing (needs a baseline)" in text
+    assert "--max-seeds MAX_SEEDS --race: no cell runs more seeds than M (default 5" in text
+
+
+def test_explicit_trial_list_is_what_tune_expands():
+    from orchestrator.ablation import AblationSpec, expand_trials
+    from trainers.run_config import DistillConfig
+
+    spec = AblationSpec(
+        name="x", preset="custom", out_dir="/tmp/x", tracking_uri="sqlite:////tmp/x/m.db",
+        pair_sets={"b/ase": [{"pair": "intra_ts:infonce"}],
+                   "c": [{"pair": "intra_ts:sd"}]},
+        trials=[("c", 3), ("b/ase", 0), ("c", 0)], run=DistillConfig(steps=7),
+    )  # fmt: skip
+    assert spec.trial_count == 3
+    assert [(t["pair_set"], t["seed"]) for t in expand_trials(spec)] == spec.trial_list() == [
+        ("c", 3), ("b/ase", 0), ("c", 0)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="trials name pair sets the spec lacks: d"):
+        AblationSpec.model_validate({**spec.model_dump(), "trials": [("d", 0)]})
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.integration
+def test_race_end_to_end_then_resume_launches_nothing(
+    tiny_shapes, tiny_teacher, local_ray, tmp_path, capsys
+):
+    from orchestrator import tracking
+
+    out = tmp_path / "race"
+    flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
+    code = main(["ablate", "--preset", "smoke", "--race", "--seeds", "2", "--max-seeds", "3",
+                 "--steps", "4", "--eval-every", "2", "--batch-size", "8", "--out", str(out),
+                 "--name", "race-e2e", *flags])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    uri = tracking.default_tracking_uri(out)
+    runs = tracking.runs_frame(uri, "race-e2e")
+    assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
+    trials = list(zip(runs["params.pair_set"], runs["params.seed"].astype(int), strict=True))
+    assert len(trials) == len(set(trials))  # every (cell, seed) ran once
+    seeds_of = {name: {s for n, s in trials if n == name} for name, _ in trials}
+    assert seeds_of["baseline"] == set(range(max(map(len, seeds_of.values()))))
+    assert all(seeds == set(range(len(seeds))) for seeds in seeds_of.values())
+    assert all(2 <= len(seeds) <= 3 for seeds in seeds_of.values())
+    assert set(runs["params.steps"]) == {"4"}
+    # Round 1 ran seeds 0 and 1 of all three sets; round 2 (if any) only seed 2.
+    rounds = dict(zip(trials, runs["tags.conaclip.round"], strict=True))
+    assert {t for t, r in rounds.items() if r == "1"} == {
+        (n, s) for n in ("baseline", "baseline+intra_ts:sd", "baseline+inter_ts:sym_kl")
+        for s in (0, 1)
+    }  # fmt: skip
+    assert {s for (_, s), r in rounds.items() if r != "1"} <= {2}
+    assert set(rounds.values()) <= {"1", "2"}
+    round_lines = [line for line in captured.err.splitlines() if line.startswith("race round")]
+    assert round_lines[0].startswith("race round 1: 6 trials (6 launched), seeds 0..1 per cell")
+    assert len(round_lines) == len(set(rounds.values()))
+    assert "race verdict (rsum" in captured.out
+    spent = f"race spent {len(trials)} trials = {4 * len(trials)} trial-steps vs 36"
+    assert spent in captured.out
+
+    # Again with --resume: every round is replayed from MLflow, no trial is launched.
+    tune_runs = sorted(p.name for p in (out / "tune").iterdir() if p.is_dir())
+    assert main(["ablate", "--resume", "--out", str(out), "--name", "race-e2e"]) == 0
+    again = capsys.readouterr()
+    assert len(tracking.runs_frame(uri, "race-e2e")) == len(runs)
+    assert sorted(p.name for p in (out / "tune").iterdir() if p.is_dir()) == tune_runs
+    replayed = [line for line in again.err.splitlines() if line.startswith("race round")]
+    assert len(replayed) == len(round_lines)
+    assert all("(all already in MLflow)" in line for line in replayed)
+    # The live rounds decided exactly what a replay of their runs decides.
+    strip = [line.split(" trials (")[1].split(")", 1)[1] for line in round_lines]
+    assert [line.split(" trials (")[1].split(")", 1)[1] for line in replayed] == strip
+    assert again.out.splitlines()[-2:] == captured.out.splitlines()[-2:]
+
+    # A trial whose run the ledger holds as FAILED is run again, and only that one: round 1's
+    # Tune run is restored (its trials all ended) and the trial runs as round1-retry1.
+    failed = runs[(runs["params.pair_set"] == "baseline") & (runs["params.seed"] == "0")]
+    client = tracking.client(uri)
+    client.set_tag(failed["run_id"].iloc[0], "conaclip.status", "FAILED")
+    assert main(["ablate", "--resume", "--out", str(out), "--name", "race-e2e"]) == 0
+    third = capsys.readouterr()
+    assert "race round 1: 6 trials (1 launched)" in third.err
+    assert (out / "tune" / "race-e2e-round1-retry1").is_dir()
+    final = tracking.runs_frame(uri, "race-e2e")
+    done = final[final["tags.conaclip.status"] == "FINISHED"]
+    done_trials = list(zip(done["params.pair_set"], done["params.seed"], strict=True))
+    assert len(done_trials) == len(set(done_trials)) >= len(trials)
+    assert ("baseline", "0") in done_trials
+    new = done[~done["run_id"].isin(runs["run_id"])]
+    rerun = new[(new["params.pair_set"] == "baseline") & (new["params.seed"] == "0")]
+    assert list(rerun["tags.conaclip.round"]) == ["1"]
