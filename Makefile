@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.conaclip-installed
 
-.PHONY: demo test test-fast lint venv
+.PHONY: demo test test-fast lint venv ui
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/conaclip demo
+
+# The MLflow UI on the demo's runs (127.0.0.1); OUT=DIR for another ablation's --out.
+OUT ?= runs/demo
+ui: $(STAMP)
+	$(BIN)/conaclip ui --out $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Ablation-scale benchmarks (issue 7): one ablation end to end, timed phase by phase, and the
+"""Ablation-scale benchmarks: one ablation end to end, timed phase by phase, and the
 comparisons built from several such runs.
 
     # the strategy-selection table (20 pair sets, seed 0) with a fresh teacher cache

@@ -1,8 +1,11 @@
-"""`conaclip ablate` (a preset or the user's pair sets as Tune trials) and `conaclip demo`."""
+"""`conaclip ablate` (a preset or the user's pair sets as Tune trials, or raced seed by seed
+with ``--race``) and `conaclip demo`."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from orchestrator import tracking
 from orchestrator.ablation import (
     AblationOutcome,
     AblationSpec,
+    RaceSettings,
     default_name,
     expand_trials,
     load_spec,
@@ -23,8 +27,11 @@ from orchestrator.assets import resolve_run
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
 from orchestrator.train_cli import add_shared_flags, run_flags, workspace_of
+from trainers.errors import InputError
 
 DEFAULT_OUT = Path("runs/ablate")
+RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
+RACE_MAX_SEEDS = 5
 
 
 def _say(message: str) -> None:
@@ -62,19 +69,54 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     )
     out = Path(args.out or DEFAULT_OUT).resolve()
     uri = args.tracking_uri or tracking.default_tracking_uri(out)
+    race = _race_settings(args, preset, baseline)
+    seeds = race.start_seeds if race else (args.seeds if args.seeds is not None else 1)
     return AblationSpec(
         name=args.name or default_name(preset),
         preset=preset,
         pair_sets=pair_sets_payload(pair_sets),
         baseline=baseline,
-        seeds=list(range(args.seeds)),
+        seeds=list(range(seeds)),
         run=settings.run.model_copy(update={"pairs": _template_pairs(pair_sets)}),
         scaling=settings.scaling,
         scheduler=args.scheduler,
         out_dir=str(out),
         tracking_uri=uri,
         max_concurrent_trials=args.max_concurrent_trials,
+        tune_output=getattr(args, "tune_output", False),
+        race=race,
     ), settings.use_teacher_cache
+
+
+def _race_settings(
+    args: argparse.Namespace, preset: str, baseline: str | None
+) -> RaceSettings | None:
+    """``--race`` / ``--seeds`` / ``--max-seeds`` as RaceSettings (None without --race); a
+    one-line InputError for a combination that cannot race."""
+    race = getattr(args, "race", False)
+    max_seeds = getattr(args, "max_seeds", None)
+    if not race:
+        if max_seeds is not None:
+            raise InputError("--max-seeds: only with --race (a plain ablation runs --seeds)")
+        return None
+    if baseline is None:
+        raise InputError(
+            f"--race: the pair sets of {preset} have no baseline; racing pairs every cell with "
+            "the same-seed baseline (use a preset with one, or baseline: NAME in --config)"
+        )
+    if preset == "greedy":
+        raise InputError("--race: the greedy preset runs its own rounds; race another preset")
+    if args.scheduler != "fifo":
+        raise InputError("--race: every trial must run to the end; drop --scheduler asha")
+    start = args.seeds if args.seeds is not None else RACE_START_SEEDS
+    if start < 1:
+        raise InputError(f"--seeds {start}: a race starts with at least one seed per cell")
+    maximum = max_seeds if max_seeds is not None else RACE_MAX_SEEDS
+    if maximum < start:
+        raise InputError(
+            f"--max-seeds {maximum} is below --seeds {start}: every cell starts with --seeds"
+        )
+    return RaceSettings(start_seeds=start, max_seeds=maximum, metric="rsum")
 
 
 def _template_pairs(pair_sets):
@@ -89,13 +131,36 @@ def _template_pairs(pair_sets):
 
 
 def print_trials(spec: AblationSpec) -> None:
+    """The trials exactly as Tune expands them, with their trial-steps; for a race, round 1."""
+    if spec.race is not None and spec.trials is None:
+        print_race_plan(spec)
+        return
     trials = expand_trials(spec)
     width = max(len(t["pair_set"]) for t in trials)
-    print(f"{len(trials)} trials ({len(spec.pair_sets)} pair sets x {len(spec.seeds)} seeds), "
+    if spec.trials is not None:
+        shape = f"{len(spec.pair_sets)} pair sets, explicit trial list"
+    else:
+        shape = f"{len(spec.pair_sets)} pair sets x {len(spec.seeds)} seeds"
+    print(f"{len(trials)} trials ({shape}), "
           f"{spec.run.steps} steps each = {len(trials) * spec.run.steps} trial-steps "
           f"(batch {spec.run.batch_size} x {spec.scaling.num_workers} worker(s))")  # fmt: skip
     for index, trial in enumerate(trials, 1):
         print(f"{index:3d}  {trial['pair_set']:<{width}}  seed {trial['seed']}  {trial['pairs']}")
+
+
+def print_race_plan(spec: AblationSpec) -> None:
+    """A race's first round (what a fresh race launches first) and its bounds."""
+    from orchestrator.race import round_plan
+
+    assert spec.race is not None and spec.baseline is not None
+    cells = [name for name in spec.pair_sets if name != spec.baseline]
+    first = round_plan(spec.baseline, cells, spec.race.start_seeds)
+    full = len(spec.pair_sets) * spec.race.max_seeds
+    print(f"race: round 1 runs every pair set at seeds 0..{spec.race.start_seeds - 1}; each "
+          f"later round adds one seed to the cells still open and the baseline, up to "
+          f"{spec.race.max_seeds} seeds (at most {full} trials = {full * spec.run.steps} "
+          f"trial-steps); trials already FINISHED in MLflow are not run again")  # fmt: skip
+    print_trials(spec.model_copy(update={"name": f"{spec.name}-round1", "trials": first}))
 
 
 def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
@@ -110,6 +175,9 @@ def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     if args.resume:
         spec = load_spec(args.out or DEFAULT_OUT, args.name)
+        if spec.race is not None and spec.round is not None:
+            # The newest spec was one of a race's rounds: resume the race, not that round.
+            spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
         use_cache = True
     else:
         spec, use_cache = build_spec(args)
@@ -118,12 +186,16 @@ def _ablate(args: argparse.Namespace) -> int:
         return 0
     tracking.check_tracking_uri(spec.tracking_uri)
     # Create (and migrate) the store now, in this one process, before anyone else reads it.
-    tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)
+    tracking.get_or_create_experiment(
+        spec.tracking_uri, spec.experiment_name, description=describe(spec, sys.argv[1:])
+    )
     # Tune's status table is the progress; per-worker logs would drown it.
     init_ray(args.address, log_to_driver=False)
     if not args.resume:
         resolved = resolve_run(spec.run, workspace_of(args), use_cache)
         spec = spec.model_copy(update={"run": resolved})
+    if spec.race is not None:
+        return _race(spec)
     if spec.preset == "greedy" and not args.resume:
         from search_spaces.presets import baseline_pair_set
 
@@ -137,12 +209,58 @@ def _ablate(args: argparse.Namespace) -> int:
     return summarize(outcome, spec)
 
 
+def describe(spec: AblationSpec, argv: list[str]) -> str:
+    """The experiment's description in MLflow: what ran and the command that ran it."""
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    return (
+        f"conaclip ablation {spec.experiment_name}: preset {spec.preset}, "
+        f"{len(spec.pair_sets)} pair sets x seeds {seeds}, student {spec.run.student}, "
+        f"{spec.run.steps} steps x {spec.run.batch_size}.\n\n"
+        f"Command: `{shlex.join(['conaclip', *argv])}`"
+    )
+
+
+def _race(spec: AblationSpec) -> int:
+    from orchestrator.race import run_race, verdict_lines
+
+    assert spec.race is not None
+    _say(f"race {spec.name}: {len(spec.pair_sets)} pair sets from {spec.race.start_seeds} to at "
+         f"most {spec.race.max_seeds} seeds -> {spec.out_dir}")  # fmt: skip
+    result = run_race(spec)
+    outcome = AblationOutcome(spec.name, trials=result.trials)
+    code = summarize(outcome, spec)
+    for line in verdict_lines(result):
+        print(line)
+    return code
+
+
 def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
     add_shared_flags(parser)
     group = parser.add_argument_group("ablation")
     group.add_argument("--preset", help="search-space preset (see search_spaces/; default smoke)")
     group.add_argument("--pairs", help="your own pair sets: 'a:b,c:d;e:f' (';' between sets)")
-    group.add_argument("--seeds", type=int, default=1, help="repeat each pair set with K seeds")
+    group.add_argument(
+        "--seeds",
+        type=int,
+        help="repeat each pair set with K seeds (default 1); with --race, the seeds every cell "
+        f"starts with (default {RACE_START_SEEDS})",
+    )
+    group.add_argument(
+        "--race",
+        action="store_true",
+        help="seed racing (needs a baseline): round 1 runs every pair set at --seeds seeds; "
+        "after each round a cell leaves the race when its verdict is 'worse' than the "
+        "baseline or its 95%% interval lies below the leader's; the open cells and the "
+        "baseline get one more seed, until it is settled or --max-seeds. Each round is a Tune "
+        "run <name>-round<k> in the one MLflow experiment <name>; trials already FINISHED "
+        "there are skipped, so re-running or --resume finishes an interrupted race",
+    )
+    group.add_argument(
+        "--max-seeds",
+        type=int,
+        help=f"--race: no cell runs more seeds than M (default {RACE_MAX_SEEDS}; at least "
+        "--seeds); the race reports its trial-steps against the full grid at M seeds",
+    )
     group.add_argument(
         "--scheduler",
         choices=("fifo", "asha"),
@@ -163,6 +281,11 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         help="cap on trials at once (default: what free resources hold)",
     )
     group.add_argument(
+        "--tune-output",
+        action="store_true",
+        help="show Ray Tune's own per-trial tables instead of conaclip's one live line",
+    )
+    group.add_argument(
         "--no-teacher-cache",
         action="store_true",
         help="run the teacher live in every trial instead of reading the cache",
@@ -175,7 +298,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run an ablation preset as Ray Tune trials tracked in MLflow",
         description="One Ray Tune trial per (pair set, seed); each trial is a Ray Train run. "
         "Every trial is an MLflow run. Ends non-zero naming failed trials. --resume finishes "
-        "an interrupted ablation; --dry-run prints the trial list and runs nothing.",
+        "an interrupted ablation; --dry-run prints the trial list and runs nothing. --race "
+        "spends seeds only where the verdict against the baseline is still open (seeds "
+        "--seeds to --max-seeds) and prints one line per round and the verdict.",
     )
     add_ablation_flags(ablate)
     ablate.add_argument("--dry-run", action="store_true", help="print the trials, run nothing")
@@ -211,20 +336,50 @@ def _demo(args: argparse.Namespace) -> int:
     ablate_args.dry_run = ablate_args.resume = False
     ablate_args.address = None
     spec, use_cache = build_spec(ablate_args)
+    tracking.check_tracking_uri(spec.tracking_uri)
+    tracking.get_or_create_experiment(
+        spec.tracking_uri, spec.name, description=describe(spec, sys.argv[1:] or ["demo"])
+    )
     init_ray(None, log_to_driver=False)
     resolved = resolve_run(spec.run, workspace_of(ablate_args), use_cache)
     spec = spec.model_copy(update={"run": resolved})
     _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")
     code = summarize(run_ablation(spec), spec)
     out = Path(args.out)
-    common = {"experiment": spec.name, "tracking_uri": spec.tracking_uri, "out": out,
-              "metric": "rsum"}  # fmt: skip
-    report_cli._table(argparse.Namespace(**common, format="md"))
-    report_cli._best(argparse.Namespace(**common, verify=False))
+    report_parser = argparse.ArgumentParser()
+    report_cli.add_source_flags(report_parser)
+    source = vars(report_parser.parse_args(
+        ["--experiment", spec.name, "--tracking-uri", spec.tracking_uri, "--out", str(out)]
+    ))  # fmt: skip
+    print()
+    report_cli._table(argparse.Namespace(**source, format="md"))
+    print()
+    report_cli._best(argparse.Namespace(**source, verify=False))
     reports = out / "reports" / spec.name
+    conaclip = command_prefix()
+    in_repo = Path("Makefile").is_file() and Path(args.out) == Path("runs/demo")
+    ui = "make ui" if in_repo else f"{conaclip} ui --out {out}"
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     print(f"table:   {reports / 'table.md'}")
     print(f"heatmap: {reports / 'heatmap.png'}")
     print(f"MLflow:  {spec.tracking_uri}")
-    print(f"open the MLflow UI: conaclip ui --out {out}")
+    print("next:")
+    print(f"  {ui:<58} # the MLflow UI on these runs, http://127.0.0.1:5000")
+    race = f"{conaclip} ablate --preset {args.preset} --race --out {out}-race"
+    print(f"  {race:<58} # seeds until the verdict settles")
     return code
+
+
+def command_prefix() -> str:
+    """How to run conaclip from this shell: ``conaclip`` when that is what PATH finds, else the
+    path of the running executable (``.venv/bin/conaclip`` after ``make demo``)."""
+    running = Path(sys.argv[0])
+    if running.name != "conaclip":
+        return f"{sys.executable} -m orchestrator.cli"
+    found = shutil.which("conaclip")
+    if found and Path(found).resolve() == running.resolve():
+        return "conaclip"
+    try:
+        return str(running.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(running)

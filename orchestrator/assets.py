@@ -51,15 +51,29 @@ def ensure_builtin_teacher(
     workspace: Workspace, shards: Shards, steps: int = BUILTIN_TEACHER_STEPS, **overrides: Any
 ) -> tuple[str, str, dict[str, Any]]:
     """(teacher name, checkpoint path, its eval metrics), training it on first use."""
+    from tqdm import tqdm
+
     from orchestrator.trial import format_progress
     from trainers.teacher import teacher_config, train_teacher
 
     cfg = teacher_config(shards.train, shards.eval, steps=steps, **overrides)
+    bar: tqdm | None = None
+
+    def on_progress(step: int, total: int, samples_per_s: float, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            _say(f"teacher: training {cfg.student} from scratch, {total} steps x "
+                 f"{cfg.batch_size} (first use; cached afterwards)")  # fmt: skip
+            bar = tqdm(total=total, desc="teacher", unit="step", file=sys.stderr)
+        bar.set_postfix_str(f"loss {loss:.3f}, {samples_per_s:.0f} samples/s", refresh=False)
+        bar.update(step - bar.n)
 
     def on_report(metrics: dict[str, Any]) -> None:
+        if bar is not None and metrics.get("step", 0) >= cfg.steps:
+            bar.close()
         _say("teacher: " + format_progress(metrics, cfg.steps))
 
-    result = train_teacher(cfg, workspace.teacher_dir, on_report=on_report)
+    result = train_teacher(cfg, workspace.teacher_dir, on_report=on_report, on_progress=on_progress)
     if result.reused:
         _say(f"teacher: reusing {result.checkpoint}")
     return result.name, str(result.checkpoint), result.metrics

@@ -1,4 +1,4 @@
-"""The `conaclip` command line: one subcommand per step of DESIGN.md's data flow.
+"""The `conaclip` command line: one subcommand per step of the data flow (README).
 
 Each area registers its subcommands from its own module (``register(subparsers)``) so the
 parser stays one place to read and each handler stays next to the code it drives. A handler
@@ -16,7 +16,7 @@ from trainers.errors import InputError
 
 EXIT_BAD_INPUT = 2
 
-# Subcommands that are designed (DESIGN.md) but not built yet: listed in --help, exit 2 when run.
+# Subcommands that are designed but not built yet: listed in --help, exit 2 when run.
 _PLANNED: dict[str, str] = {
     "data": "write the built-in data set, check shards, convert Karpathy-split Flickr30K/COCO",
     "teacher": "pre-train the built-in teacher / build the teacher-embedding cache",

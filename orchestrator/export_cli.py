@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +127,39 @@ def _ui(args: argparse.Namespace) -> int:
         "--host", args.host, "--port", str(args.port), "--workers", "1",
     ]  # fmt: skip
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    process = subprocess.Popen(command, env=os.environ.copy())
+    return serve_until_signalled(command)
+
+
+def serve_until_signalled(command: list[str], grace_s: float = 10.0) -> int:
+    """Run a server ``command`` until it exits or this process gets SIGINT/SIGTERM, then end
+    it with everything it started. The server gets a process group of its own, so its workers
+    (mlflow server forks several) are ended with it instead of outliving the command."""
+    process = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
-        return 0
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _end_group(process.pid, grace_s)
+    # A server ended by our forwarded signal finished as asked.
+    return 0 if code in (-signal.SIGINT, -signal.SIGTERM) else code
+
+
+def _end_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM whatever is left of the process group ``pgid``, SIGKILL it after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises ProcessLookupError once the group is empty
+            time.sleep(0.1)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

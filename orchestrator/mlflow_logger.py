@@ -1,14 +1,20 @@
-"""One MLflow run per Tune trial, written by the Tune driver alone (a ``tune.Callback``).
+"""One MLflow run per Tune trial, written by the Tune driver alone (a ``tune.Callback``),
+nested under the ablation's own run (``tracking.summary_run_id``), which holds its reports.
 
 Runs are found again by their ``conaclip.trial_id`` tag, so a restored ablation keeps logging
 into the run its trial started instead of opening a second one: after ``--resume`` the
 experiment still holds exactly one run per trial. Metric names never contain '@'.
+
+Each reported checkpoint's per-query eval ranks (``eval_ranks.npz``, written by the training
+loop) are logged as the run's artifact of that name, replaced at every eval, so the run's final
+artifact belongs to its final metrics: the table's bootstrap intervals are computed from it.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -56,6 +62,7 @@ class MlflowTrialLogger(Callback):
         self._client = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}
+        self._parent: str | None = None
 
     # The client is rebuilt after unpickling (Tune stores callbacks with the experiment state).
     def __getstate__(self) -> dict[str, Any]:
@@ -71,6 +78,12 @@ class MlflowTrialLogger(Callback):
                 self.tracking_uri, self.experiment
             )
         return self._client
+
+    def _parent_run_id(self) -> str:
+        if getattr(self, "_parent", None) is None:
+            self.client  # noqa: B018  (creates the experiment first)
+            self._parent = tracking.summary_run_id(self.tracking_uri, self.experiment)
+        return self._parent
 
     def _run_id(self, trial) -> str:
         if trial.trial_id in self._runs:
@@ -89,6 +102,7 @@ class MlflowTrialLogger(Callback):
             pair_set = config["pair_set"]
             tags = {
                 **self.tags,
+                tracking.PARENT_TAG: self._parent_run_id(),
                 "conaclip.trial_id": trial.trial_id,
                 "conaclip.pair_set": pair_set,
                 "conaclip.baseline": str(pair_set == config.get("baseline")).lower(),
@@ -123,6 +137,18 @@ class MlflowTrialLogger(Callback):
         ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        self._log_ranks(run_id, result.get("checkpoint_path"))
+
+    def _log_ranks(self, run_id: str, checkpoint_path: Any) -> None:
+        from trainers.distill import RANKS_FILE
+
+        if not checkpoint_path:
+            return
+        # Train's storage is a local or shared filesystem path for every cluster we configure;
+        # a URI storage would need its filesystem, and then the ranks are simply not logged.
+        ranks = Path(str(checkpoint_path)) / RANKS_FILE
+        if ranks.is_file():
+            self.client.log_artifact(run_id, str(ranks))
 
     def _finish(self, trial, status: str, error: str | None = None) -> None:
         run_id = self._run_id(trial)

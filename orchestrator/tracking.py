@@ -11,13 +11,19 @@ experiment per ablation): params ``pairs`` (``PairSet.key()``), ``pair_set``, ``
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import numpy as np
 import pandas as pd
 
 from trainers.errors import InputError
@@ -27,6 +33,12 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 SUMMARY_TAG = "conaclip.summary"
+# MLflow 3 opens an experiment on its GenAI overview unless told it holds training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE_TAG = "mlflow.note.content"  # the description the UI shows on the experiment page
+PARENT_TAG = "mlflow.parentRunId"  # nests a trial's run under the ablation's run
+# Per-query eval ranks a trial logs at its final evaluation (see read_eval_ranks).
+EVAL_RANKS_ARTIFACT = "eval_ranks.npz"
 ABLATION_TAG = "conaclip.ablation_id"
 BASE_COLUMNS = ("run_id", "run_name", "experiment_id", "status", "start_time", "end_time")
 # Database back ends MLflow accepts besides sqlite; they are checked by MLflow itself.
@@ -103,21 +115,32 @@ def _safe_name(name: str) -> str:
 
 
 def get_or_create_experiment(
-    tracking_uri: str, name: str, artifact_location: str | Path | None = None
+    tracking_uri: str,
+    name: str,
+    artifact_location: str | Path | None = None,
+    description: str | None = None,
 ) -> str:
-    """Id of the experiment ``name``, created if missing. With a sqlite store the artifacts go
-    beside the database (``<db dir>/mlartifacts/<name>``) unless ``artifact_location`` says
-    otherwise: MLflow's own default is ``./mlruns`` under whatever directory the process runs in.
+    """Id of the experiment ``name``, created if missing, tagged as holding training runs (so
+    MLflow's UI opens it on its runs) and, with ``description``, carrying that text as its
+    description. With a sqlite store the artifacts go beside the database
+    (``<db dir>/mlartifacts/<name>``) unless ``artifact_location`` says otherwise: MLflow's own
+    default is ``./mlruns`` under whatever directory the process runs in.
     """
     mlflow_client = client(tracking_uri)
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
-        return existing.experiment_id
-    db = sqlite_path(tracking_uri)
-    if artifact_location is None and db is not None:
-        artifact_location = db.parent / "mlartifacts" / _safe_name(name)
-    location = Path(artifact_location).resolve().as_uri() if artifact_location else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
+        experiment_id = existing.experiment_id
+    else:
+        db = sqlite_path(tracking_uri)
+        if artifact_location is None and db is not None:
+            artifact_location = db.parent / "mlartifacts" / _safe_name(name)
+        location = Path(artifact_location).resolve().as_uri() if artifact_location else None
+        experiment_id = mlflow_client.create_experiment(
+            name, artifact_location=location, tags=EXPERIMENT_KIND
+        )
+    if description:
+        mlflow_client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+    return experiment_id
 
 
 def _is_conaclip(mlflow_client: MlflowClient, experiment_id: str) -> bool:
@@ -191,7 +214,8 @@ def runs_frame(tracking_uri: str, experiment: str | None = None) -> pd.DataFrame
 
 
 def summary_run_id(tracking_uri: str, experiment: str) -> str:
-    """The experiment's summary run (tagged ``conaclip.summary=true``), created when missing."""
+    """The ablation's own run (tagged ``conaclip.summary=true``), created when missing: the
+    parent every trial's run is nested under, holding the table, heatmap and recipe."""
     found = find_experiment(tracking_uri, experiment)
     mlflow_client = client(tracking_uri)
     runs = mlflow_client.search_runs(
@@ -200,7 +224,9 @@ def summary_run_id(tracking_uri: str, experiment: str) -> str:
     if runs:
         return runs[0].info.run_id
     run = mlflow_client.create_run(
-        found.experiment_id, run_name="summary", tags={SUMMARY_TAG: "true"}
+        found.experiment_id,
+        run_name=f"{experiment} (ablation)",
+        tags={SUMMARY_TAG: "true", ABLATION_TAG: experiment},
     )
     mlflow_client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
@@ -215,3 +241,43 @@ def log_summary_artifact(tracking_uri: str, experiment: str, path: str | Path) -
     run_id = summary_run_id(tracking_uri, experiment)
     client(tracking_uri).log_artifact(run_id, str(path))
     return run_id
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    # MLflow draws a tqdm bar per download: one per run would bury the table's output.
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def read_eval_ranks(
+    tracking_uri: str, run_id: str, artifact: str = EVAL_RANKS_ARTIFACT
+) -> dict[str, np.ndarray] | None:
+    """The run's eval-ranks artifact as ``{name: array}``, None when the run has none.
+
+    The file (``eval_ranks.npz`` at the artifact root) holds int64 arrays ``t2i_rank``
+    (N_txt), ``i2t_rank`` (N_img) and ``text_to_image`` (N_txt image ids); see
+    ``orchestrator.stats.check_ranks`` for their meaning. Arrays are read into memory and the
+    downloaded copy is deleted. A listed but unreadable file is an InputError naming the run.
+    """
+    folder, _, name = artifact.rpartition("/")
+    mlflow_client = client(tracking_uri)
+    listed = {Path(a.path).name for a in mlflow_client.list_artifacts(run_id, folder or None)}
+    if name not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="conaclip-ranks-") as tmp, _no_progress_bar():
+        local = mlflow_client.download_artifacts(run_id, artifact, tmp)
+        try:
+            # allow_pickle=False: an artifact is data, never code.
+            with np.load(local, allow_pickle=False) as archive:
+                return {key: np.asarray(archive[key]) for key in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise InputError(f"run {run_id}: {artifact} is not a readable .npz ({error})") from None

@@ -20,7 +20,7 @@ from orchestrator.ray_cluster import init_ray
 
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that mean the same in every subcommand (DESIGN.md, "Shared flags")."""
+    """Flags that mean the same in every subcommand."""
     group = parser.add_argument_group("data and models")
     group.add_argument(
         "--train-shards",

@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from orchestrator import tracking
 from orchestrator.cli import main
 from orchestrator.ray_cluster import descendant_pids
+from trainers.evaluate import metrics_from_ranks
+from trainers.run_config import KD_TEMPERATURE
 
 
 def data_flags(shapes, teacher, home):
@@ -74,6 +78,21 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     ]  # fmt: skip
     assert set(runs["params.steps"]) == {"6"}
     assert (runs["metrics.step"] == 6).all()
+    # The live line, not Tune's tables, was the progress.
+    assert "ablation: trials 3/3 done, 0 running, 0 pending" in capsys.readouterr().err
+    # Every trial logged the per-query ranks of its final eval, and they are exactly what its
+    # final recalls were computed from (the table's bootstrap reads them).
+    for run in runs.to_dict("records"):
+        ranks = tracking.read_eval_ranks(uri, run["run_id"])
+        again = metrics_from_ranks(
+            torch.from_numpy(ranks["t2i_rank"]), torch.from_numpy(ranks["i2t_rank"])
+        )
+        assert again["rsum"] == pytest.approx(run["metrics.rsum"])
+    # The fair-cell weight the sym_kl trial measured after warm-up is logged with it.
+    sym = runs[runs["params.pair_set"] == "baseline+inter_ts:sym_kl"].iloc[0]
+    assert sym["metrics.weight_intra_ts_infonce"] == 1.0
+    assert sym["metrics.weight_inter_ts_sym_kl"] > 0
+    assert sym["metrics.temperature_inter_ts_sym_kl"] == KD_TEMPERATURE
     capsys.readouterr()
 
     assert main(["table", "--out", str(out), "--experiment", "smoke-e2e"]) == 0

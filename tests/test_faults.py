@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.ray_cluster import free_port
+from orchestrator.ray_cluster import descendant_pids, free_port
 from trainers.data import iter_shard, write_shard
 from trainers.distill import CHECKPOINT_FILE, train_loop_per_worker
 from trainers.errors import InputError
@@ -152,7 +152,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 @pytest.mark.integration
 @pytest.mark.faults
-def test_ui_binds_loopback_by_default(tmp_path):
+def test_ui_binds_loopback_and_ends_with_its_server(tmp_path):
     import mlflow
 
     db = tmp_path / "mlruns.db"
@@ -168,6 +168,21 @@ def test_ui_binds_loopback_by_default(tmp_path):
         while time.time() < deadline and not _listening_addresses(port):
             time.sleep(0.5)
         assert _listening_addresses(port) == {"127.0.0.1"}
+        server = descendant_pids(process.pid)
+        assert server, "mlflow server runs below the conaclip ui process"
+        # SIGTERM to the command alone, as a service manager or `kill` sends it: the command
+        # forwards it, and neither the server nor any of its workers outlives it.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert not _listening_addresses(port)
+        left = [
+            pid
+            for pid in server
+            if Path(f"/proc/{pid}").exists()
+            and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:1]
+        ]
+        assert left == [], f"processes left behind: {left}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # our own session: the CLI and its server
-        process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
