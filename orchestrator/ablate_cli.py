@@ -187,7 +187,9 @@ def _ablate(args: argparse.Namespace) -> int:
     tracking.check_tracking_uri(spec.tracking_uri)
     # Create (and migrate) the store now, in this one process, before anyone else reads it.
     tracking.get_or_create_experiment(
-        spec.tracking_uri, spec.experiment_name, description=describe(spec, sys.argv[1:])
+        spec.tracking_uri,
+        spec.experiment_name,
+        description=describe(spec, getattr(args, "argv", None) or sys.argv[1:]),
     )
     # Tune's status table is the progress; per-worker logs would drown it.
     init_ray(args.address, log_to_driver=False)
@@ -207,6 +209,10 @@ def _ablate(args: argparse.Namespace) -> int:
     _say(f"ablation {spec.name}: {spec.trial_count} trials -> {spec.out_dir}")
     outcome = run_ablation(spec, resume=args.resume)
     return summarize(outcome, spec)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "argv", None) or sys.argv[1:])
 
 
 def describe(spec: AblationSpec, argv: list[str]) -> str:
@@ -338,7 +344,9 @@ def _demo(args: argparse.Namespace) -> int:
     spec, use_cache = build_spec(ablate_args)
     tracking.check_tracking_uri(spec.tracking_uri)
     tracking.get_or_create_experiment(
-        spec.tracking_uri, spec.name, description=describe(spec, sys.argv[1:] or ["demo"])
+        spec.tracking_uri,
+        spec.name,
+        description=describe(spec, getattr(args, "argv", None) or ["demo"]),
     )
     init_ray(None, log_to_driver=False)
     resolved = resolve_run(spec.run, workspace_of(ablate_args), use_cache)

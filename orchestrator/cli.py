@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as given, for records such as the experiment description
     try:
         return int(args.handler(args) or 0)
     except InputError as error:

@@ -283,6 +283,9 @@ def _best(args: argparse.Namespace) -> int:
     folder = _report_dir(args.out, runs.attrs["experiment"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(text)
+    # The recipe joins the table and heatmap on the ablation's own MLflow run.
+    tracking.log_summary_artifact(runs.attrs["tracking_uri"], runs.attrs["experiment"],
+                                  folder / "recipe.yaml")  # fmt: skip
     base = result.attrs["baseline"]
     if recipe.key() == base:
         print(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from orchestrator import tracking
 from orchestrator.cli import main
-from orchestrator.ray_cluster import descendant_pids
+from orchestrator.ray_cluster import descendant_pids, free_port
 from trainers.evaluate import metrics_from_ranks
 from trainers.run_config import KD_TEMPERATURE
 
@@ -60,6 +61,57 @@ def test_unreachable_tracking_server_fails_before_any_trial(capsys, tmp_path):
     assert code == 2
     assert err.startswith("conaclip: error: MLflow server at http://127.0.0.1:9 is not reachable")
     assert not (tmp_path / "tune").exists()
+
+
+def check_mlflow_as_users_see_it(out: Path, experiment: str, n_trials: int) -> None:
+    """A real `mlflow server` (`conaclip ui`) on the ablation's store, asked through its REST
+    API what the UI shows: the experiment kind and description, one parent run holding the
+    reports, every trial's run nested under it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--out", str(out), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            api + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                found = call(f"/experiments/get-by-name?experiment_name={experiment}")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        tags = {t["key"]: t["value"] for t in found["experiment"].get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "preset smoke" in tags["mlflow.note.content"]
+        assert "`conaclip ablate --preset smoke" in tags["mlflow.note.content"]
+        runs = call("/runs/search", {"experiment_ids": [found["experiment"]["experiment_id"]],
+                                     "max_results": 100})["runs"]  # fmt: skip
+        run_tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [r for r, t in zip(runs, run_tags, strict=True)
+                   if t.get("conaclip.summary") == "true"]  # fmt: skip
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        children = [t for t in run_tags if t.get("conaclip.summary") != "true"]
+        assert len(children) == n_trials
+        assert all(t["mlflow.parentRunId"] == parent_id for t in children)
+        listed = call(f"/artifacts/list?run_id={parent_id}")
+        names = {Path(f["path"]).name for f in listed.get("files", [])}
+        assert {"table.md", "heatmap.png", "recipe.yaml"} <= names
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 @pytest.mark.integration
@@ -112,6 +164,8 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     recipe_run = verified[verified["params.pair_set"] == "combined_recipe"].iloc[0]
     assert recipe_run["tags.conaclip.status"] == "FINISHED"
     assert recipe_run["params.steps"] == "6"
+
+    check_mlflow_as_users_see_it(out, "smoke-e2e", n_trials=4)
 
     # The exported student of the best run loads back through open_clip.
     run_id = runs.sort_values("metrics.rsum").iloc[-1]["run_id"]  # of the 3 preset trials
