@@ -39,23 +39,35 @@ def _say(message: str) -> None:
 
 
 def _pair_sets(args: argparse.Namespace, file_values: dict[str, Any]):
-    """(preset, pair sets, baseline name, preset settings) from --pairs, --config or --preset."""
-    from search_spaces.presets import load_preset, pair_sets_from_text, pair_sets_from_yaml
+    """(preset, pair sets, baseline name, preset settings, kind) from --pairs, --config or
+    --preset. A user's own sets get the MoTIS baseline as reference when one of them is it."""
+    from search_spaces.presets import (
+        custom_preset,
+        load_preset,
+        pair_sets_from_text,
+        pair_sets_from_yaml,
+    )
 
     if args.pairs:
-        return "custom", pair_sets_from_text(args.pairs), None, {}
+        preset = custom_preset(pair_sets_from_text(args.pairs))
+        baseline = preset.baseline.name if preset.baseline is not None else None
+        return "custom", list(preset.pair_sets), baseline, {}, "grid"
     if "pair_sets" in file_values or "pairs" in file_values:
         sets = pair_sets_from_yaml(args.config)
-        return file_values.get("preset", "custom"), sets, file_values.get("baseline"), {}
+        baseline = file_values.get("baseline")
+        if baseline is None:
+            found = custom_preset(sets).baseline
+            baseline = found.name if found is not None else None
+        return file_values.get("preset", "custom"), sets, baseline, {}, "grid"
     preset = load_preset(args.preset or file_values.get("preset", "smoke"))
     baseline = preset.baseline.name if preset.baseline is not None else None
-    return preset.name, list(preset.pair_sets), baseline, dict(preset.settings)
+    return preset.name, list(preset.pair_sets), baseline, dict(preset.settings), preset.kind
 
 
 def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     """The ablation described by the flags/config, and whether trials read the teacher cache."""
     file_values = read_yaml(args.config) if args.config else {}
-    preset, pair_sets, baseline, preset_settings = _pair_sets(args, file_values)
+    preset, pair_sets, baseline, preset_settings, kind = _pair_sets(args, file_values)
     for key in ("pair_sets", "pairs", "preset", "baseline", "seeds", "scheduler"):
         file_values.pop(key, None)
     flags = {
@@ -74,6 +86,7 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     return AblationSpec(
         name=args.name or default_name(preset),
         preset=preset,
+        kind=kind,
         pair_sets=pair_sets_payload(pair_sets),
         baseline=baseline,
         seeds=list(range(seeds)),
@@ -198,11 +211,16 @@ def _ablate(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"run": resolved})
     if spec.race is not None:
         return _race(spec)
-    if spec.preset == "greedy" and not args.resume:
-        from search_spaces.presets import baseline_pair_set
+    if spec.kind == "greedy" and not args.resume:
+        from search_spaces.presets import PairSet, baseline_pair_set
+        from trainers.run_config import PairConfig
 
+        start = baseline_pair_set()
+        if spec.baseline is not None:  # a greedy preset file starts from its own baseline
+            pairs = tuple(PairConfig.model_validate(p) for p in spec.pair_sets[spec.baseline])
+            start = PairSet(spec.baseline, pairs)
         _say(f"greedy ablation {spec.name}: round 1 has {spec.trial_count} trials")
-        outcome = run_greedy(spec, baseline_pair_set())
+        outcome = run_greedy(spec, start)
         code = summarize(outcome, spec)
         print(f"greedy selection: {outcome.final.key() if outcome.final else '-'}")
         return code

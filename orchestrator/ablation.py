@@ -59,6 +59,9 @@ class AblationSpec(BaseModel):
         default=None, description="MLflow experiment when it differs from name (greedy rounds)"
     )
     preset: str
+    kind: Literal["grid", "greedy"] = Field(
+        default="grid", description="greedy: forward-selection rounds from the preset's sets"
+    )
     pair_sets: dict[str, list[dict[str, Any]]]  # name -> PairConfig dicts, in sweep order
     baseline: str | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])

@@ -13,10 +13,11 @@ from typing import Any
 
 from orchestrator.config import Workspace
 from trainers.run_config import DistillConfig
+from trainers.teacher import TEACHER_STEPS
 
 BUILTIN_TRAIN_SAMPLES = 12_000
 BUILTIN_EVAL_IMAGES = 1_000
-BUILTIN_TEACHER_STEPS = 220
+BUILTIN_TEACHER_STEPS = TEACHER_STEPS  # re-exported for the CLI's --steps default
 
 
 @dataclass

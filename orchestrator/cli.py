@@ -12,7 +12,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from pydantic import ValidationError
+
 from trainers.errors import InputError
+from trainers.run_config import describe_validation_error
 
 EXIT_BAD_INPUT = 2
 
@@ -82,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except InputError as error:
         print(f"conaclip: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as error:
+        # A model built from flags rather than from a file: the flags are the source.
+        print(f"conaclip: error: {describe_validation_error(error, 'arguments')}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("conaclip: interrupted", file=sys.stderr)

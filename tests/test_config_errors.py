@@ -78,3 +78,42 @@ def test_broken_yaml_names_the_file(text, expected, tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def _spec(argv):
+    from orchestrator.ablate_cli import build_spec
+    from orchestrator.cli import build_parser
+
+    return build_spec(build_parser().parse_args(["ablate", *argv]))[0]
+
+
+def test_own_pair_sets_find_the_motis_baseline():
+    spec = _spec(["--pairs", "intra_ts:infonce,intra_ss:sd;intra_ts:infonce", "--dry-run"])
+    assert spec.baseline == "intra_ts:infonce"
+    assert _spec(["--pairs", "intra_ts:infonce,intra_ss:sd", "--dry-run"]).baseline is None
+
+
+def test_greedy_follows_the_preset_kind_not_its_name():
+    assert _spec(["--preset", "greedy"]).kind == "greedy"
+    assert _spec(["--preset", "single_additions"]).kind == "grid"
+
+
+def test_a_validation_error_from_flags_is_one_line(monkeypatch, capsys):
+    import orchestrator.ablate_cli as ablate_cli
+    from orchestrator.cli import main
+    from trainers.run_config import DistillConfig
+
+    def build(args):
+        DistillConfig(steps=-1)  # a real pydantic error, as a handler building a model raises
+
+    monkeypatch.setattr(ablate_cli, "build_spec", build)
+    assert main(["ablate", "--preset", "smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "conaclip: error: arguments: steps: Input should be greater than 0"
+
+
+def test_one_teacher_step_default():
+    from orchestrator.assets import BUILTIN_TEACHER_STEPS
+    from trainers.teacher import TEACHER_STEPS, teacher_config
+
+    assert teacher_config("train", "eval").steps == TEACHER_STEPS == BUILTIN_TEACHER_STEPS == 220

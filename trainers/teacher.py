@@ -24,6 +24,9 @@ from trainers.models import build_student, export_student
 from trainers.run_config import DistillConfig
 
 RESULT_FILE = "teacher.json"
+# The built-in teacher's budget: what `make demo` trains on first use (about 4 minutes on 2
+# cores). One default for every caller.
+TEACHER_STEPS = 220
 
 
 @dataclass
@@ -38,7 +41,7 @@ def teacher_config(
     train_shards: str,
     eval_shards: str,
     name: str = "conaclip-teacher",
-    steps: int = 1200,
+    steps: int = TEACHER_STEPS,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
