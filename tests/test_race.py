@@ -315,7 +315,9 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
 
 # ------------------------------------------------------------------------------ the CLI
 def test_race_needs_a_baseline_and_max_seeds_at_least_seeds(capsys):
-    assert main(["ablate", "--pairs", "intra_ts:infonce;intra_ts:sd", "--race", "--dry-run"]) == 2
+    # No set is the MoTIS baseline (intra_ts:infonce alone), so there is nothing to pair with.
+    no_baseline = "intra_ts:infonce,inter_ss:kl;intra_ts:sd"
+    assert main(["ablate", "--pairs", no_baseline, "--race", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("conaclip: error: --race: the pair sets")
     code = main(["ablate", "--preset", "smoke", "--race", "--seeds", "3", "--max-seeds", "2",
