@@ -738,6 +738,10 @@ def _run_tasks(tasks: list[_ShardTask], workers: int | None, progress: bool) -> 
         with multiprocessing.get_context(method).Pool(workers) as pool:
             for written in pool.imap_unordered(_write_one_shard, tasks):
                 bar.update(written)
+            # Let the workers exit on their own: the pool's default terminate() SIGTERMs them,
+            # and a worker forked from a process with Ray imported prints a stack trace on it.
+            pool.close()
+            pool.join()
 
 
 def ensure_synthetic(
