@@ -296,8 +296,9 @@ def finished_trials(runs: pd.DataFrame) -> set[Trial]:
     the tag is missing, as ``table`` reads it) is FINISHED."""
     if runs.empty:
         return set()
-    status = _column(runs, "tags.conaclip.status").astype("string")
-    status = status.fillna(_column(runs, "status").astype("string"))
+    from orchestrator.table import run_status
+
+    status = run_status(runs)
     seeds = _seeds(runs)
     done = runs[(status == FINISHED) & seeds.notna() & _column(runs, "params.pair_set").notna()]
     pairs = zip(done["params.pair_set"], seeds[done.index], strict=True)
@@ -370,8 +371,7 @@ class RanksCache:
         new = runs[~runs["run_id"].astype(str).isin(self._seen)]
         self._ranks.update(table.load_ranks(self.tracking_uri, new))
         # Only finished runs are read; one still running is read again once it has finished.
-        status = _column(new, "tags.conaclip.status").astype("string")
-        status = status.fillna(_column(new, "status").astype("string"))
+        status = table.run_status(new)
         self._seen.update(new.loc[status == FINISHED, "run_id"].astype(str))
         ids = runs["run_id"].astype(str)
         return {run_id: self._ranks[run_id] for run_id in ids if run_id in self._ranks}

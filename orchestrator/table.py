@@ -48,7 +48,8 @@ def stat_metrics(metric: str) -> tuple[str, ...]:
     return RECALLS if metric in RECALLS else (*RECALLS, metric)
 
 
-def _run_status(runs: pd.DataFrame) -> pd.Series:
+def run_status(runs: pd.DataFrame) -> pd.Series:
+    """Each run's status: conaclip's own tag, MLflow's run status where the tag is missing."""
     # The ablation's own tag is the authority (a trial can fail after MLflow marked the run).
     status = runs["status"].astype("string")
     if "tags.conaclip.status" in runs:
@@ -87,7 +88,7 @@ def load_ranks(tracking_uri: str, runs: pd.DataFrame) -> dict[str, dict[str, np.
 
     if runs.empty or "params.pairs" not in runs:
         return {}
-    trials = runs[runs["params.pairs"].notna() & (_run_status(runs) == FINISHED)]
+    trials = runs[runs["params.pairs"].notna() & (run_status(runs) == FINISHED)]
     loaded: dict[str, dict[str, np.ndarray]] = {}
     for run_id in trials["run_id"].astype(str):
         try:
@@ -161,7 +162,7 @@ def selection_table(
     if column not in runs:
         known = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
         raise InputError(f"--metric {metric}: no run logged it; logged metrics: {known}")
-    runs = runs.assign(_status=_run_status(runs))
+    runs = runs.assign(_status=run_status(runs))
     names = runs["params.pair_set"] if "params.pair_set" in runs else runs["params.pairs"]
     runs = runs.assign(**{"params.pair_set": names.fillna(runs["params.pairs"])})
     baseline = _baseline(runs)
