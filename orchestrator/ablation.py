@@ -246,7 +246,7 @@ def _params_of(spec: AblationSpec) -> dict[str, dict[str, Any]]:
     return params
 
 
-def _tuner(spec: AblationSpec, resume: bool):
+def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
     from ray import tune
 
     from orchestrator.mlflow_logger import MlflowTrialLogger
@@ -278,7 +278,7 @@ def _tuner(spec: AblationSpec, resume: bool):
             time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2
         )
     concurrency = max_concurrent(spec)
-    callbacks: list[Any] = [logger]
+    callbacks: list[Any] = [logger, *extra_callbacks]
     if not spec.tune_output:
         from orchestrator.live_view import LiveView
 
@@ -291,6 +291,10 @@ def _tuner(spec: AblationSpec, resume: bool):
             mode="max",
             scheduler=scheduler,
             max_concurrent_trials=concurrency,
+            # One trial actor serves trial after trial (its imports are paid once). Not under
+            # ASHA: a stopped trial's actor is still inside its TorchTrainer.fit, so Tune
+            # could not reset it and would start a new one anyway.
+            reuse_actors=spec.scheduler == "fifo",
         ),
         run_config=tune.RunConfig(
             name=spec.name,
@@ -321,10 +325,13 @@ def load_spec(out_dir: str | Path, name: str | None) -> AblationSpec:
     return AblationSpec.model_validate_json(specs[-1].read_text())
 
 
-def run_ablation(spec: AblationSpec, resume: bool = False) -> AblationOutcome:
-    """Fit (or restore and finish) the ablation; never raises on trial errors."""
+def run_ablation(
+    spec: AblationSpec, resume: bool = False, callbacks: tuple = ()
+) -> AblationOutcome:
+    """Fit (or restore and finish) the ablation; never raises on trial errors. ``callbacks``:
+    more Tune callbacks for a fresh run (benchmarks time trials with one)."""
     save_spec(spec)
-    results = _tuner(spec, resume).fit()
+    results = _tuner(spec, resume, callbacks).fit()
     outcome = AblationOutcome(spec.name)
     for result in results:
         config = result.config or {}

@@ -4,6 +4,7 @@ the body of a Ray Tune function trainable (the Ray 2.x way to run Train inside T
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +14,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainers.run_config import DistillConfig
+
+# Ray Train's controller polls its workers this often (Ray's default is 2 s): a trial's last
+# report and its end are noticed up to one interval late, which on a trial of a minute is a
+# few percent of it (benchmarks/trial_startup.py). A poll is one small actor call.
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = 0.25
 
 PROGRESS_KEYS = ("step", "loss", "rsum", "t2i_R1", "i2t_R1", "samples_per_s", "skipped_samples")
 
@@ -94,6 +101,8 @@ def make_torch_trainer(
 
     from trainers.distill import train_loop_per_worker
 
+    # Read by fit() in this process and passed on to the controller; a user's value wins.
+    os.environ.setdefault(HEALTH_CHECK_ENV, str(HEALTH_CHECK_INTERVAL_S))
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))

@@ -305,3 +305,24 @@ def test_loop_trains_from_the_cache_without_a_teacher_forward(
     train_loop_per_worker(config, recorder)
     assert calls == [["teacher_image", "teacher_text"]] * 2
     assert recorder.reports[-1][0]["loss_intra_ts_sd"] > 0
+
+
+def test_process_started_unix_brackets_a_fresh_process():
+    """A child process's own start time lies between just before and just after its spawn."""
+    import subprocess
+    import sys
+    import time
+
+    before = time.time()
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time, sys; sys.path.insert(0, '.');"
+         "from trainers.distill import process_started_unix;"
+         "print(process_started_unix(), time.time())"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    spawned = time.time()
+    started, now = map(float, child.communicate(timeout=120)[0].split())
+    # /proc counts in clock ticks (1/100 s here) and boot time in whole seconds.
+    assert before - 1.01 <= started <= spawned + 0.02
+    assert started < now

@@ -102,6 +102,21 @@ def _bare_context(cfg: DistillConfig, report: Report, resume_from: str | None) -
     return WorkerContext(0, 1, device, report, resume_from, root)
 
 
+def process_started_unix() -> float:
+    """Wall-clock (Unix seconds) at which this process started; from /proc on Linux (the
+    kernel's start tick plus boot time), the current time where /proc is missing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return time.time()
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def train_loop_per_worker(
     config: dict[str, Any],
     report: Report | None = None,
@@ -128,6 +143,13 @@ class DistillationRun:
         self, cfg: DistillConfig, context: WorkerContext, progress: Progress | None = None
     ) -> None:
         self._created = time.perf_counter()
+        # Wall-clock (Unix seconds) of this worker process's start and of this run's start:
+        # with the trial's own start time they split a trial's start-up into scheduling +
+        # process start, imports, and setup.
+        self.started_at = {
+            "process_started_unix": process_started_unix(),
+            "run_started_unix": time.time(),
+        }
         self.cfg = cfg
         self.ctx = context
         self.progress = progress if context.rank == 0 else None
@@ -419,6 +441,7 @@ class DistillationRun:
             metrics.update(self._evaluate(eval_set))
             self.phase_s["eval_s"] += time.perf_counter() - started
         metrics.update(self.phase_s)
+        metrics.update(self.started_at)
         self.last_metrics = metrics
         if self.ctx.rank != 0:
             self.ctx.report(metrics, None)
