@@ -1,4 +1,4 @@
-"""Issue 7: retrieval_metrics at MSCOCO-5K scale stays within O(chunk_size x N) extra memory.
+"""retrieval_metrics at MSCOCO-5K scale stays within O(chunk_size x N) extra memory.
 
 25,000 captions x 5,000 images (d = 256, 5 captions per image) by default. Each chunk size runs in
 a fresh Python process, so one run's freed-but-cached heap never hides the next run's peak. Per

@@ -352,7 +352,7 @@ def run_greedy(spec: AblationSpec, baseline: PairSet, max_rounds: int = 20) -> A
     addition); each later round runs the current set plus each pair it lacks, and the best
     candidate becomes current when its gain over current beats its std. Every round is its own
     Tune run (``<name>-round<k>``) logging into the one MLflow experiment ``<name>``."""
-    from orchestrator import select, table, tracking
+    from orchestrator import selection, table, tracking
     from search_spaces.presets import greedy_candidates
 
     outcome = AblationOutcome(spec.name)
@@ -364,7 +364,7 @@ def run_greedy(spec: AblationSpec, baseline: PairSet, max_rounds: int = 20) -> A
         )  # fmt: skip
         outcome.trials += run_ablation(round_spec).trials
         runs = tracking.runs_frame(spec.tracking_uri, spec.name)
-        chosen = select.greedy_next(table.selection_table(runs), current)
+        chosen = selection.greedy_next(table.selection_table(runs), current)
         if chosen is None:
             break
         current = chosen

@@ -19,19 +19,6 @@ from trainers.run_config import describe_validation_error
 
 EXIT_BAD_INPUT = 2
 
-# Subcommands that are designed but not built yet: listed in --help, exit 2 when run.
-_PLANNED: dict[str, str] = {
-    "data": "write the built-in data set, check shards, convert Karpathy-split Flickr30K/COCO",
-    "teacher": "pre-train the built-in teacher / build the teacher-embedding cache",
-    "train": "one distillation run on a local Ray cluster (no Tune)",
-    "ablate": "run an ablation preset as Ray Tune trials tracked in MLflow",
-    "table": "the strategy-selection table read from MLflow",
-    "best": "the winning pair set and the combined recipe",
-    "export": "export a trained student as open_clip weights with a size/speed report",
-    "ui": "open the MLflow UI on 127.0.0.1",
-    "demo": "the whole chain on the built-in data with small settings",
-}
-
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
@@ -48,14 +35,6 @@ def _registrars() -> list[Registrar]:
     ]
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(_: argparse.Namespace) -> int:
-        print(f"conaclip {name}: not built yet in this version", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-    return handler
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conaclip",
@@ -68,11 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _registrars():
         register(subparsers)
-    for name, summary in _PLANNED.items():
-        if name in subparsers.choices:
-            continue
-        sub = subparsers.add_parser(name, help=f"{summary} (not built yet)", description=summary)
-        sub.set_defaults(handler=_not_built(name))
     return parser
 
 

@@ -18,7 +18,6 @@ from orchestrator import tracking
 from trainers.errors import InputError
 
 DEFAULT_ABLATION_OUT = Path("runs/ablate")
-RECALL_PREFIXES = ("t2i_", "i2t_", "rsum", "mean_recall")
 
 
 def latest_checkpoint(train_run_dir: Path) -> Path:

@@ -18,30 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.result import (
+    AUTO_RESULT_KEYS,
+    DONE,
+    EXPERIMENT_TAG,
+    SHOULD_CHECKPOINT,
+    TRIAL_ID,
+)
 
 from orchestrator import tracking
 
-# Result keys logged as metrics (Tune adds its own bookkeeping keys, which are skipped).
-TUNE_KEYS = {
-    "training_iteration",
-    "time_this_iter_s",
-    "time_total_s",
-    "timestamp",
-    "pid",
-    "date",
-    "hostname",
-    "node_ip",
-    "time_since_restore",
-    "iterations_since_restore",
-    "done",
-    "checkpoint_dir_name",
-    "should_checkpoint",
-    "timesteps_total",
-    "episodes_total",
-    "timesteps_since_restore",
-    "experiment_tag",
-    "trial_id",
-}
+# Tune's own bookkeeping keys in a result (ray.tune.result), skipped when logging metrics.
+TUNE_KEYS = frozenset((*AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID))
 
 
 class MlflowTrialLogger(Callback):

@@ -8,13 +8,12 @@ Both read MLflow (never Ray's result files). Files go to ``<out>/reports/<experi
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from orchestrator import select, stats, table, tracking
+from orchestrator import selection, stats, table, tracking
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
@@ -121,8 +120,7 @@ def _selection(args: argparse.Namespace, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _report_dir(out: Path, experiment: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
-    return out / "reports" / safe
+    return out / "reports" / tracking.safe_name(experiment)
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -178,8 +176,8 @@ def _numbers(row: pd.Series, metric: str) -> list[str]:
     if metric != "rsum":
         lines.append(f"  {metric}: {mean_ci(metric)}  {boot}")
     if not row["is_baseline"]:
-        lines.append(f"  gain vs baseline (paired by seed): {select.gain_text(row, metric)}")
-        lines.append(f"  verdict: {row['verdict']} ({select.p_text(row)})")
+        lines.append(f"  gain vs baseline (paired by seed): {selection.gain_text(row, metric)}")
+        lines.append(f"  verdict: {row['verdict']} ({selection.p_text(row)})")
     return lines
 
 
@@ -246,7 +244,7 @@ def _verify(
     row = rows.iloc[0]
     print(
         f"\nverified {recipe.name} ({row['seeds']} seeds): gain vs baseline "
-        f"{select.gain_text(row, args.metric)}; verdict {row['verdict']}"
+        f"{selection.gain_text(row, args.metric)}; verdict {row['verdict']}"
     )
     return code
 
@@ -261,7 +259,7 @@ def _others(result: pd.DataFrame) -> str:
 def _best(args: argparse.Namespace) -> int:
     runs = _runs(args)
     result = _selection(args, runs)
-    choice = select.choose(result, args.metric)
+    choice = selection.choose(result, args.metric)
     if choice.winner is not None:
         print(f"best pair set by {args.metric}: {choice.winner['pair_set']}")
         print("\n".join(_numbers(choice.winner, args.metric)))
@@ -278,8 +276,8 @@ def _best(args: argparse.Namespace) -> int:
     if result.attrs.get("baseline") is None:
         print("no baseline run in this experiment: no combined recipe", file=sys.stderr)
         return 0
-    recipe = select.combined_recipe(result, args.metric)
-    text = select.recipe_yaml(recipe, select.common_settings(runs))
+    recipe = selection.combined_recipe(result, args.metric)
+    text = selection.recipe_yaml(recipe, selection.common_settings(runs))
     folder = _report_dir(args.out, runs.attrs["experiment"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(text)

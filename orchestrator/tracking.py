@@ -110,7 +110,10 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` as one folder name (an experiment's artifacts, its reports): each run of
+    characters other than ASCII letters, digits, ``.``, ``_`` and ``-`` becomes ``_``, with
+    ``_`` stripped from both ends, and "experiment" if nothing is left."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
@@ -133,7 +136,7 @@ def get_or_create_experiment(
     else:
         db = sqlite_path(tracking_uri)
         if artifact_location is None and db is not None:
-            artifact_location = db.parent / "mlartifacts" / _safe_name(name)
+            artifact_location = db.parent / "mlartifacts" / safe_name(name)
         location = Path(artifact_location).resolve().as_uri() if artifact_location else None
         experiment_id = mlflow_client.create_experiment(
             name, artifact_location=location, tags=EXPERIMENT_KIND

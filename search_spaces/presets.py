@@ -19,7 +19,7 @@ appears in them without an edit here:
   the baseline's own pair (intra_ts:infonce) is one of them, so the preset is the baseline alone
   (the table's reference row) plus the baseline + each of the other 19 pairs: 20 pair sets.
 - ``greedy``: forward selection. Round 1 runs the same 20 sets; each later round runs
-  ``greedy_candidates(current)`` and ``orchestrator.select.greedy_next`` picks the next current
+  ``greedy_candidates(current)`` and ``orchestrator.selection.greedy_next`` picks the next current
   set, until no candidate gains.
 
 Every pair is validated on the way in (``trainers.graph.parse_pair``), so an invalid pair never

@@ -63,6 +63,29 @@ def test_unreachable_tracking_server_fails_before_any_trial(capsys, tmp_path):
     assert not (tmp_path / "tune").exists()
 
 
+def test_trial_logger_logs_the_loops_metrics_and_skips_tunes_bookkeeping():
+    from types import SimpleNamespace
+
+    from orchestrator.mlflow_logger import MlflowTrialLogger
+
+    batches = []
+    logger = MlflowTrialLogger("sqlite:///unused.db", "e", {}, {})
+    logger._client = SimpleNamespace(log_batch=lambda run_id, metrics: batches.append(metrics))
+    logger._runs["t1"] = "run-1"
+    result = {
+        "step": 30, "rsum": 81.5, "t2i_R@1": 2.5, "loss": float("nan"), "best": True,
+        "training_iteration": 3, "time_this_iter_s": 1.0, "time_total_s": 9.0, "timestamp": 1,
+        "pid": 7, "date": "today", "hostname": "h", "node_ip": "127.0.0.1", "done": False,
+        "time_since_restore": 9.0, "iterations_since_restore": 3, "timesteps_total": 0,
+        "episodes_total": 0, "timesteps_since_restore": 0, "should_checkpoint": True,
+        "checkpoint_dir_name": "c", "experiment_tag": "1", "trial_id": "t1", "config": {},
+    }  # fmt: skip
+    logger.on_trial_result(0, [], SimpleNamespace(trial_id="t1"), result)
+    (metrics,) = batches
+    assert {m.key: m.value for m in metrics} == {"step": 30, "rsum": 81.5, "t2i_R_at_1": 2.5}
+    assert {m.step for m in metrics} == {30}
+
+
 def check_mlflow_as_users_see_it(out: Path, experiment: str, n_trials: int) -> None:
     """A real `mlflow server` (`conaclip ui`) on the ablation's store, asked through its REST
     API what the UI shows: the experiment kind and description, one parent run holding the

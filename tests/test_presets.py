@@ -43,7 +43,7 @@ EXPECTED_KEYS = {
 }
 
 
-def test_the_issue_presets_all_exist():
+def test_every_expected_preset_exists():
     expected = {
         "baseline", "single_additions", "conaclip_recipe", "motis", "clip_kd", "tinyclip",
         "mobileclip_lite", "openclip_distill", "greedy", "smoke", "demo",

@@ -20,7 +20,6 @@ from trainers.errors import InputError
 from trainers.synthetic import (
     Scene,
     SceneObject,
-    ensure_synthetic,
     perturb_scene,
     render_caption,
     render_captions,
@@ -355,14 +354,19 @@ def test_bad_arguments_name_the_field(tmp_path, field, value):
     assert not (tmp_path / "synth.json").exists()
 
 
-def test_ensure_synthetic_reuses_a_complete_set(tmp_path):
-    first = ensure_synthetic(tmp_path, train_samples=20, eval_images=5, progress=False)
-    stamp = first.train_shards[0].stat().st_mtime_ns
-    again = ensure_synthetic(tmp_path, train_samples=20, eval_images=5, progress=False)
-    assert again.train_shards == first.train_shards
-    assert first.train_shards[0].stat().st_mtime_ns == stamp
-    changed = ensure_synthetic(tmp_path, train_samples=20, eval_images=5, seed=1, progress=False)
-    assert changed.train_shards[0].read_bytes() != b"" and changed.seconds > 0
+def test_builtin_data_reuses_a_complete_set(tmp_path):
+    from orchestrator.assets import ensure_builtin_data
+    from orchestrator.config import Workspace
+
+    workspace = Workspace(home=tmp_path)
+    first = ensure_builtin_data(workspace, train_samples=20, eval_images=5)
+    shard = Path(first.train) / "00000.tar"
+    stamp = shard.stat().st_mtime_ns
+    again = ensure_builtin_data(workspace, train_samples=20, eval_images=5)
+    assert again == first
+    assert shard.stat().st_mtime_ns == stamp
+    changed = ensure_builtin_data(workspace, train_samples=20, eval_images=5, seed=1)
+    assert changed != first and (Path(changed.train) / "00000.tar").read_bytes() != b""
 
 
 def test_caption_is_deterministic_for_a_generator_state():

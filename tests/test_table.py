@@ -561,6 +561,14 @@ def test_heatmap_needs_a_baseline(runs):
         heatmap_grid(result)
 
 
+def test_reports_and_artifacts_share_one_folder_name(tmp_path):
+    assert tracking.safe_name("sa3 / grid: 3 seeds") == "sa3_grid_3_seeds"
+    assert tracking.safe_name("demo-1.2_x") == "demo-1.2_x"
+    assert tracking.safe_name("///") == "experiment"
+    name = "my ablation/1"
+    assert report_cli._report_dir(tmp_path, name) == tmp_path / "reports" / "my_ablation_1"
+
+
 def _cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="conaclip")
     report_cli.register(parser.add_subparsers(dest="command", required=True))

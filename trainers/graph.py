@@ -71,7 +71,7 @@ LEARNING_TYPE_TABLE: dict[str, LearningType] = {
     "inter_ss": LearningType(edges=(("SI", "ST"),), partners=()),
 }
 
-# docs/method.md, "Supervision strategies".
+# docs/method.md, "The six strategies".
 STRATEGY_TABLE: dict[str, Strategy] = {
     "infonce": Strategy(
         "contrastive CE over sim(X, Y)/t both ways",

@@ -1,6 +1,6 @@
 """The six supervision strategies of docs/method.md and ``interaction_loss``.
 
-Definitions (docs/method.md, "Supervision strategies"), for an edge e = (X, Y) with row i of every
+Definitions (docs/method.md, "The six strategies"), for an edge e = (X, Y) with row i of every
 matrix belonging to sample i of X: S = X Y^T, S* = the same with each student node replaced by
 its teacher node, Sp = the partner edge's matrix. CE(M) is the mean over rows of the
 cross-entropy of row i against class i; rowKL(A || B) is the mean over rows of

@@ -742,38 +742,3 @@ def _run_tasks(tasks: list[_ShardTask], workers: int | None, progress: bool) -> 
             # and a worker forked from a process with Ray imported prints a stack trace on it.
             pool.close()
             pool.join()
-
-
-def ensure_synthetic(
-    out_dir: str | os.PathLike[str],
-    train_samples: int = 20_000,
-    eval_images: int = 1_000,
-    image_size: int = 64,
-    seed: int = 0,
-    workers: int | None = None,
-    progress: bool = True,
-) -> SynthResult:
-    """The built-in set at ``out_dir``: reused when a complete one with these parameters is
-    there (manifest and every shard present), written by ``synthesize`` otherwise."""
-    out = Path(out_dir)
-    manifest_path = out / MANIFEST_NAME
-    params = _params(
-        train_samples, eval_images, image_size, seed, SAMPLES_PER_SHARD, DEFAULT_CONTRAST
-    )
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        shards = manifest.get("train_shards", []) + manifest.get("eval_shards", [])
-        if (
-            manifest.get("complete")
-            and manifest.get("params") == params
-            and all((out / s).is_file() for s in shards)
-        ):
-            train = tuple(out / s for s in manifest["train_shards"])
-            evals = tuple(out / s for s in manifest["eval_shards"])
-            return SynthResult(
-                out, train, evals, train_samples, eval_images, eval_images * EVAL_CAPTIONS
-            )
-    return synthesize(out, train_samples, eval_images, image_size, seed, workers, progress)

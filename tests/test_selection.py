@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator.select import (
+from orchestrator.selection import (
     best_pair_set,
     choose,
     combined_recipe,
