@@ -116,4 +116,4 @@ def test_one_teacher_step_default():
     from orchestrator.assets import BUILTIN_TEACHER_STEPS
     from trainers.teacher import TEACHER_STEPS, teacher_config
 
-    assert teacher_config("train", "eval").steps == TEACHER_STEPS == BUILTIN_TEACHER_STEPS == 220
+    assert teacher_config("train", "eval").steps == TEACHER_STEPS == BUILTIN_TEACHER_STEPS == 400

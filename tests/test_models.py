@@ -125,9 +125,11 @@ def test_parameter_counts_match_hand_formula(built: dict[str, LoadedModel], name
 
 
 def test_hand_formula_on_a_known_size() -> None:
-    # Teacher: ViT w256 L4 + text w256 L4 at 64x64, patch 8, context 32: worked by hand,
-    # 3,291,648 image + 15,881,728 text + 1 logit scale.
-    assert _hand_counts(_config("conaclip-teacher"))["total"] == 19_173_377
+    # Teacher: ViT w192 L4 + text w192 L4 at 64x64, patch 8, context 32, embed 256: worked by
+    # hand, image 36,864 patch conv + 192 class + 12,480 positions + 2 x 384 norms
+    # + 4 x 444,864 blocks + 49,152 projection = 1,878,912; text 9,486,336 tokens + 6,144
+    # positions + 1,779,456 blocks + 384 norm + 49,152 projection = 11,321,472; + 1 logit scale.
+    assert _hand_counts(_config("conaclip-teacher"))["total"] == 13_200_385
 
 
 def test_model_sizes(built: dict[str, LoadedModel]) -> None:

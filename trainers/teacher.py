@@ -26,7 +26,7 @@ from trainers.run_config import DistillConfig
 RESULT_FILE = "teacher.json"
 # The built-in teacher's budget: what `make demo` trains on first use (about 4 minutes on 2
 # cores). One default for every caller.
-TEACHER_STEPS = 220
+TEACHER_STEPS = 400
 
 
 @dataclass

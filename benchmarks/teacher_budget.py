@@ -1,0 +1,108 @@
+"""Built-in teacher candidates at one budget: architecture, steps, batch and learning rate.
+
+Each candidate is an open_clip config (the shipped conaclip-teacher.json with the fields the
+candidate changes), registered with open_clip from a temporary directory and trained from
+scratch with the loop the product uses (``trainers.teacher.teacher_config``: the CLIP loss,
+warm-up + cosine), on the built-in data, 2 threads, then evaluated on the built-in eval set
+(1k images x 5k captions). One JSON line per candidate is appended to --out.
+
+    python benchmarks/teacher_budget.py --candidate shipped --steps 220
+    python benchmarks/teacher_budget.py --candidate w192x3 --steps 500 --lr 2e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trainers  # noqa: F401  (torchvision compat first)
+from orchestrator.assets import ensure_builtin_data
+from orchestrator.config import Workspace
+from trainers.distill import train_loop_per_worker
+from trainers.models import CONFIG_DIR
+from trainers.teacher import teacher_config
+
+# name -> changes to conaclip-teacher.json: {"vision_cfg": {...}, "text_cfg": {...}, ...}
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "shipped": {},
+    "w192x3": {
+        "vision_cfg": {"width": 192, "layers": 3},
+        "text_cfg": {"width": 192, "heads": 3, "layers": 3},
+    },
+    "w256x3": {"vision_cfg": {"layers": 3}, "text_cfg": {"layers": 3}},
+    "w192x4": {
+        "vision_cfg": {"width": 192, "layers": 4},
+        "text_cfg": {"width": 192, "heads": 3, "layers": 4},
+    },
+    "w128x4": {
+        "vision_cfg": {"width": 128, "layers": 4},
+        "text_cfg": {"width": 128, "heads": 2, "layers": 4},
+    },
+    "resnet64": {
+        "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
+    },
+}
+
+
+def candidate_config(name: str) -> dict[str, Any]:
+    config = json.loads((CONFIG_DIR / "conaclip-teacher.json").read_text())
+    for section, changes in CANDIDATES[name].items():
+        if isinstance(changes, dict):
+            config[section] = {**config[section], **changes}
+        else:
+            config[section] = changes
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="shipped")
+    parser.add_argument("--steps", type=int, default=220)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=None, help="default: the product's")
+    parser.add_argument("--out", default="runs/bench/teacher_budget.jsonl")
+    args = parser.parse_args()
+
+    import open_clip
+
+    shards = ensure_builtin_data(Workspace())
+    name = f"teacher-candidate-{args.candidate}"
+    with tempfile.TemporaryDirectory() as work:
+        (Path(work) / f"{name}.json").write_text(json.dumps(candidate_config(args.candidate)))
+        open_clip.add_model_config(work)
+        overrides: dict[str, Any] = {"out_dir": str(Path(work) / "run"), "torch_threads": 2}
+        if args.warmup is not None:
+            overrides["warmup_steps"] = args.warmup
+        cfg = teacher_config(
+            shards.train, shards.eval, name=name, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, **overrides,
+        )  # fmt: skip
+        reports: list[dict[str, Any]] = []
+        started = time.time()
+        train_loop_per_worker(cfg.model_dump(mode="json"), lambda m, d: reports.append(m))
+        wall = time.time() - started
+    last = reports[-1]
+    row = {
+        "candidate": args.candidate,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup_steps": cfg.warmup_steps,
+        "wall_s": round(wall, 1),
+        "train_s": round(last["train_s"], 1),
+        "samples_per_s": round(args.steps * args.batch_size / last["train_s"], 1),
+        **{k: round(last[k], 2) for k in ("rsum", "t2i_R1", "i2t_R1")},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with Path(args.out).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
