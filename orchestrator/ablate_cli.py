@@ -93,12 +93,24 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
         run=settings.run.model_copy(update={"pairs": _template_pairs(pair_sets)}),
         scaling=settings.scaling,
         scheduler=args.scheduler,
+        grace_period=_grace_period(args),
         out_dir=str(out),
         tracking_uri=uri,
         max_concurrent_trials=args.max_concurrent_trials,
         tune_output=getattr(args, "tune_output", False),
         race=race,
     ), settings.use_teacher_cache
+
+
+def _grace_period(args: argparse.Namespace) -> int | None:
+    grace = getattr(args, "grace_period", None)
+    if grace is None:
+        return None
+    if args.scheduler != "asha":
+        raise InputError("--grace-period: only with --scheduler asha (fifo runs every trial)")
+    if grace < 1:
+        raise InputError(f"--grace-period {grace}: at least 1 report")
+    return grace
 
 
 def _race_settings(
@@ -290,6 +302,12 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         choices=("fifo", "asha"),
         default="fifo",
         help="asha stops weak trials early on rsum (default: run all to the end)",
+    )
+    group.add_argument(
+        "--grace-period",
+        type=int,
+        help="--scheduler asha: reports every trial gets before ASHA may stop it (default: "
+        "the first report after warm-up and the auto-weight measurement)",
     )
     group.add_argument("--name", help="ablation id: Tune run and MLflow experiment name")
     group.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<out>/mlruns.db)")

@@ -68,6 +68,9 @@ class AblationSpec(BaseModel):
     run: DistillConfig
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     scheduler: Scheduler = "fifo"
+    grace_period: int | None = Field(
+        default=None, ge=1, description="ASHA: reports before a trial may be stopped"
+    )
     out_dir: str
     tracking_uri: str
     max_concurrent_trials: int | None = Field(default=None, ge=1)
@@ -246,6 +249,17 @@ def _params_of(spec: AblationSpec) -> dict[str, dict[str, Any]]:
     return params
 
 
+def asha_grace_period(spec: AblationSpec) -> int:
+    """Reports a trial gets before ASHA may stop it: ``spec.grace_period``, else the first
+    report at or after the end of warm-up and of the auto-weight measurement (before it every
+    cell still trains the baseline's loss alone, so its rank is noise), at most all reports."""
+    reports = max(1, math.ceil(spec.run.steps / spec.run.eval_every))
+    if spec.grace_period is not None:
+        return min(spec.grace_period, reports)
+    settled = spec.run.balance_step + spec.run.balance_window
+    return min(reports, max(1, math.ceil(settled / spec.run.eval_every)))
+
+
 def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
     from ray import tune
 
@@ -275,7 +289,10 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
 
         reports = max(1, math.ceil(spec.run.steps / spec.run.eval_every))
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2
+            time_attr="training_iteration",
+            max_t=reports,
+            grace_period=asha_grace_period(spec),
+            reduction_factor=2,
         )
     concurrency = max_concurrent(spec)
     callbacks: list[Any] = [logger, *extra_callbacks]

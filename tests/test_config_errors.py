@@ -117,3 +117,33 @@ def test_one_teacher_step_default():
     from trainers.teacher import TEACHER_STEPS, teacher_config
 
     assert teacher_config("train", "eval").steps == TEACHER_STEPS == BUILTIN_TEACHER_STEPS == 400
+
+
+def test_asha_grace_period_defaults_to_the_first_report_after_warm_up():
+    from orchestrator.ablation import asha_grace_period
+
+    # demo settings (warm-up 20, auto weights measured over steps 20-24) with an eval every
+    # 10 steps: the weights are fixed after step 25, so the first report that follows is
+    # the one at step 30, the 3rd of 15.
+    spec = _spec(["--preset", "demo", "--scheduler", "asha", "--eval-every", "10"])
+    assert (spec.run.balance_step, spec.run.balance_window) == (20, 5)
+    assert asha_grace_period(spec) == 3
+    # every 150 steps: one report, and the grace period never exceeds the reports.
+    assert asha_grace_period(_spec(["--preset", "demo", "--scheduler", "asha"])) == 1
+    given = _spec(["--preset", "demo", "--scheduler", "asha", "--eval-every", "10",
+                   "--grace-period", "7"])  # fmt: skip
+    assert asha_grace_period(given) == 7
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--grace-period", "2"], "--grace-period: only with --scheduler asha"),
+        (["--scheduler", "asha", "--grace-period", "0"], "--grace-period 0: at least 1 report"),
+    ],
+)
+def test_grace_period_errors(argv, expected):
+    from trainers.errors import InputError
+
+    with pytest.raises(InputError, match=expected):
+        _spec(["--preset", "demo", *argv])
