@@ -81,7 +81,8 @@ def ensure_builtin_teacher(
 
 
 def resolve_run(cfg: DistillConfig, workspace: Workspace, use_teacher_cache: bool) -> DistillConfig:
-    """Fill the built-in data, teacher and teacher cache into ``cfg`` where it names none."""
+    """Fill the built-in data, teacher, teacher cache and eval-set cache into ``cfg`` where it
+    names none."""
     updates: dict[str, Any] = {}
     if not cfg.train_shards or not cfg.eval_shards:
         shards = ensure_builtin_data(workspace)
@@ -95,6 +96,8 @@ def resolve_run(cfg: DistillConfig, workspace: Workspace, use_teacher_cache: boo
     if cfg.needs_teacher and use_teacher_cache and not cfg.teacher_cache:
         cache = ensure_teacher_cache(cfg, workspace)
         cfg = cfg.model_copy(update={"teacher_cache": str(cache)})
+    if cfg.eval_shards and cfg.eval_cache is None:
+        cfg = cfg.model_copy(update={"eval_cache": str(workspace.eval_cache_dir)})
     return cfg
 
 

@@ -46,6 +46,10 @@ class Workspace(BaseModel):
     def cache_dir(self) -> Path:
         return self.home / "teacher-cache"
 
+    @property
+    def eval_cache_dir(self) -> Path:
+        return self.home / "eval-cache"
+
 
 class RunSettings(BaseModel):
     """A run, how it scales, and whether trials read teacher embeddings from the cache."""

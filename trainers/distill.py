@@ -38,8 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainers.data import load_eval_set, make_train_loader
+from trainers.data import make_train_loader
 from trainers.errors import InputError
+from trainers.eval_cache import load_eval_set_cached
 from trainers.evaluate import evaluate_retrieval
 from trainers.graph import learning_type_spec
 from trainers.losses import interaction_loss
@@ -378,7 +379,9 @@ class DistillationRun:
         if not self.cfg.eval_shards:
             return None
         loaded = self.student_loaded
-        return load_eval_set(self.cfg.eval_shards, loaded.preprocess_eval, loaded.tokenizer)
+        return load_eval_set_cached(
+            self.cfg.eval_shards, loaded.preprocess_eval, loaded.tokenizer, self.cfg.eval_cache
+        )
 
     def _evaluate(self, eval_set) -> dict[str, float]:
         if eval_set is None:

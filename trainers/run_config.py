@@ -138,6 +138,11 @@ class DistillConfig(BaseModel):
     teacher_cache: str | None = Field(
         default=None, description="dir of a teacher-embedding cache built for train_shards"
     )
+    eval_cache: str | None = Field(
+        default=None,
+        description="dir where the decoded eval set is kept for every trial that preprocesses "
+        "alike (trainers/eval_cache.py); None decodes the eval shards in each run",
+    )
     steps: PositiveInt = 300
     batch_size: PositiveInt = Field(default=64, description="per worker")
     eval_every: PositiveInt = 100

@@ -77,7 +77,8 @@ def config_hash(cfg: DistillConfig) -> str:
         "balance_steps",
     }
     fields = cfg.model_dump(
-        mode="json", exclude={"out_dir", "torch_threads", "loader_workers", *unused}
+        mode="json",
+        exclude={"out_dir", "torch_threads", "loader_workers", "eval_cache", *unused},
     )
     fields["train_shards"] = [_identity(p) for p in expand_urls(cfg.train_shards)]
     fields["eval_shards"] = [_identity(p) for p in expand_urls(cfg.eval_shards)]
