@@ -4,6 +4,7 @@ with ``--race``) and `conaclip demo`."""
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import sys
@@ -20,12 +21,14 @@ from orchestrator.ablation import (
     expand_trials,
     load_spec,
     pair_sets_payload,
+    resume_ablation,
     run_ablation,
     run_greedy,
 )
 from orchestrator.assets import resolve_run
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
+from orchestrator.run_lock import exclusive_ablation
 from orchestrator.train_cli import add_shared_flags, run_flags, workspace_of
 from trainers.errors import InputError
 
@@ -197,18 +200,42 @@ def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
     return 1 if outcome.failed else 0
 
 
+def _resume_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool, bool]:
+    """(spec, use teacher cache, already resolved) for --resume: the spec saved under
+    <out>/tune/, else (that folder gone) the one the flags describe, which --name must name."""
+    try:
+        spec = load_spec(args.out or DEFAULT_OUT, args.name)
+    except InputError as missing:
+        if args.name is None:
+            raise InputError(
+                f"{missing}; to resume from the MLflow runs alone, repeat the ablation's own "
+                "flags with --resume and its --name"
+            ) from None
+        spec, use_cache = build_spec(args)
+        return spec, use_cache, False
+    if spec.race is not None and spec.round is not None:
+        # The newest spec was one of a race's rounds: resume the race, not that round.
+        spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
+    if spec.round is None and re.fullmatch(r".+-resume\d+", spec.name):
+        # The newest spec was an earlier resume's re-run: resume the ablation it belongs to.
+        spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
+    return spec, True, True
+
+
 def _ablate(args: argparse.Namespace) -> int:
     if args.resume:
-        spec = load_spec(args.out or DEFAULT_OUT, args.name)
-        if spec.race is not None and spec.round is not None:
-            # The newest spec was one of a race's rounds: resume the race, not that round.
-            spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
-        use_cache = True
+        spec, use_cache, resolved = _resume_spec(args)
     else:
-        spec, use_cache = build_spec(args)
+        (spec, use_cache), resolved = build_spec(args), False
     if args.dry_run:
         print_trials(spec)
         return 0
+    with exclusive_ablation(spec.out_dir, spec.experiment_name):
+        return _run(args, spec, use_cache, resolved)
+
+
+def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved: bool) -> int:
+    """The ablation behind `conaclip ablate`, with its lock held."""
     tracking.check_tracking_uri(spec.tracking_uri)
     # Create (and migrate) the store now, in this one process, before anyone else reads it.
     tracking.get_or_create_experiment(
@@ -218,9 +245,8 @@ def _ablate(args: argparse.Namespace) -> int:
     )
     # Tune's status table is the progress; per-worker logs would drown it.
     init_ray(args.address, log_to_driver=False)
-    if not args.resume:
-        resolved = resolve_run(spec.run, workspace_of(args), use_cache)
-        spec = spec.model_copy(update={"run": resolved})
+    if not resolved:
+        spec = spec.model_copy(update={"run": resolve_run(spec.run, workspace_of(args), use_cache)})
     if spec.race is not None:
         return _race(spec)
     if spec.kind == "greedy" and not args.resume:
@@ -237,7 +263,7 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"greedy selection: {outcome.final.key() if outcome.final else '-'}")
         return code
     _say(f"ablation {spec.name}: {spec.trial_count} trials -> {spec.out_dir}")
-    outcome = run_ablation(spec, resume=args.resume)
+    outcome = resume_ablation(spec, _say) if args.resume else run_ablation(spec)
     return summarize(outcome, spec)
 
 

@@ -196,16 +196,26 @@ def _pair(data: dict[str, Any]):
     return PairConfig(**data)
 
 
+def trials_that_fit(free: dict[str, float], need: dict[str, float], cap: int | None = None) -> int:
+    """How many trials needing ``need`` each fit in ``free`` at once (at least one, at most
+    ``cap``): the scarcest resource decides. Fractions pack: four trials of GPU 0.25 share one
+    GPU, as Ray's fractional resources let them. A tiny tolerance absorbs float sums
+    (0.1 x 3 is not 0.3)."""
+    fits = [
+        math.floor(free.get(key, 0.0) / value + 1e-9) for key, value in need.items() if value > 0
+    ]
+    if cap:
+        fits.append(cap)
+    return max(1, min(fits) if fits else 1)
+
+
 def max_concurrent(spec: AblationSpec) -> int:
     """Trials that fit the cluster's free resources at once (at least one)."""
     import ray
 
-    free = ray.available_resources()
-    need = spec.scaling.trial_resources()
-    fits = [math.floor(free.get(key, 0.0) / value) for key, value in need.items() if value > 0]
-    if spec.max_concurrent_trials:
-        fits.append(spec.max_concurrent_trials)
-    return max(1, min(fits) if fits else 1)
+    return trials_that_fit(
+        ray.available_resources(), spec.scaling.trial_resources(), spec.max_concurrent_trials
+    )
 
 
 @dataclass
@@ -348,7 +358,57 @@ def run_ablation(
     """Fit (or restore and finish) the ablation; never raises on trial errors. ``callbacks``:
     more Tune callbacks for a fresh run (benchmarks time trials with one)."""
     save_spec(spec)
-    results = _tuner(spec, resume, callbacks).fit()
+    return _outcome(spec, _tuner(spec, resume, callbacks).fit())
+
+
+def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
+    """Finish an interrupted ablation. From Tune's own state when it restores; otherwise
+    (``<out>/tune/`` gone, or a state file Tune cannot read) from MLflow, the ledger: every
+    (pair set, seed) of ``spec`` without a FINISHED run in its experiment runs again as a
+    fresh Tune run ``<name>-resume<k>`` logging into the same experiment."""
+    from ray import tune
+
+    from orchestrator import tracking
+    from orchestrator.race import _pair_keys, check_ledger, finished_trials
+
+    path = spec.tune_dir / spec.name
+    if tune.Tuner.can_restore(str(path)):
+        try:
+            tuner = _tuner(spec, resume=True)
+        except Exception as error:  # Tune raises what its reader raised: JSON, pickle, OS
+            say(f"resume: Tune's state at {path} is unreadable ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                "resuming from the MLflow runs")  # fmt: skip
+        else:
+            save_spec(spec)
+            return _outcome(spec, tuner.fit())
+    else:
+        say(f"resume: no Tune state at {path}; resuming from the MLflow runs")
+    runs = tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
+    check_ledger(runs, _pair_keys(spec), spec.run.steps)
+    done = finished_trials(runs)
+    missing = [trial for trial in spec.trial_list() if trial not in done]
+    say(f"resume: {len(spec.trial_list()) - len(missing)} of {spec.trial_count} trials have a "
+        f"FINISHED run in experiment {spec.experiment_name}; running {len(missing)}")  # fmt: skip
+    save_spec(spec)  # a later --resume without flags finds the ablation again
+    if not missing:
+        return AblationOutcome(spec.name)
+    name, attempt = f"{spec.name}-resume1", 1
+    while (spec.tune_dir / name).exists() or (spec.tune_dir / f"{name}.spec.json").exists():
+        attempt += 1
+        name = f"{spec.name}-resume{attempt}"
+    rerun = spec.model_copy(
+        update={
+            "name": name,
+            "experiment": spec.experiment_name,
+            "seeds": sorted({seed for _, seed in missing}),
+            "trials": missing,
+        }
+    )
+    return run_ablation(rerun)
+
+
+def _outcome(spec: AblationSpec, results) -> AblationOutcome:
     outcome = AblationOutcome(spec.name)
     for result in results:
         config = result.config or {}

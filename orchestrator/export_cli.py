@@ -125,8 +125,19 @@ def _ui(args: argparse.Namespace) -> int:
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
         "--host", args.host, "--port", str(args.port), "--workers", "1",
     ]  # fmt: skip
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (Ctrl-C to stop)", flush=True)
+    with contextlib.suppress(InputError):  # a store with no ablation yet: the home page
+        experiment = tracking.find_experiment(uri)
+        print(f"runs of {experiment.name}: {runs_page_url(base, experiment.experiment_id)}")
     return serve_until_signalled(command)
+
+
+def runs_page_url(base: str, experiment_id: str) -> str:
+    """The UI page listing an experiment's runs. MLflow 3's UI opens every experiment in its
+    GenAI view (traces) unless told ``workflowType=machine_learning``, and remembers the
+    choice in the browser; the experiment's kind tag alone does not switch it."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def serve_until_signalled(command: list[str], grace_s: float = 10.0) -> int:

@@ -22,6 +22,13 @@ from pathlib import Path
 from trainers.errors import InputError
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # read by ray.dashboard.utils before RAY_ADDRESS
+# The raylet warns ("N PYTHON worker processes have been started ... 4x the maximum expected
+# startup concurrency") once live workers reach 4x this, which defaults to the node's CPUs. A
+# trial on a 2-CPU laptop is 4 processes (trial actor, Train controller, its synchronization
+# actor, one Train worker), so two trials at once trip it while nothing is wrong; the warning
+# cannot be filtered, so local clusters start with a concurrency of at least 4.
+STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
+STARTUP_CONCURRENCY = 4
 
 
 def free_port() -> int:
@@ -76,11 +83,14 @@ def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = True)
     import ray
 
     port = free_port()
-    # Set only while the cluster starts: its processes keep it (workers inherit the raylet's
+    # Set only while the cluster starts: its processes keep them (workers inherit the raylet's
     # environment), while this process's children, e.g. a `ray job submit` to another
     # cluster, must not be redirected to this one.
-    previous = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    settings = {API_SERVER_ENV: f"http://127.0.0.1:{port}"}
+    if STARTUP_CONCURRENCY_ENV not in os.environ:
+        settings[STARTUP_CONCURRENCY_ENV] = str(max(STARTUP_CONCURRENCY, num_cpus or 0))
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         context = ray.init(
             address="local",
@@ -91,10 +101,11 @@ def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = True)
             log_to_driver=log_to_driver,
         )
     finally:
-        if previous is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return f"http://{context.dashboard_url}"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,10 +92,13 @@ def check_mlflow_as_users_see_it(out: Path, experiment: str, n_trials: int) -> N
     API what the UI shows: the experiment kind and description, one parent run holding the
     reports, every trial's run nested under it."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "ui", "--out", str(out), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    printed = out / "ui.stdout"
+    with printed.open("w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "ui", "--out", str(out), "--port",
+             str(port)],
+            stdout=sink, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 
     def call(path: str, body: dict | None = None) -> dict:
@@ -132,6 +136,15 @@ def check_mlflow_as_users_see_it(out: Path, experiment: str, n_trials: int) -> N
         listed = call(f"/artifacts/list?run_id={parent_id}")
         names = {Path(f["path"]).name for f in listed.get("files", [])}
         assert {"table.md", "heatmap.png", "recipe.yaml"} <= names
+        # The link `conaclip ui` prints opens the experiment on its runs, not MLflow 3's GenAI
+        # overview, and the page it names is served.
+        experiment_id = found["experiment"]["experiment_id"]
+        assert printed.read_text().splitlines()[1] == (
+            f"runs of {experiment}: http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+            "?workflowType=machine_learning"
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read(2000).lower()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -259,6 +272,43 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
     assert list(runs["tags.conaclip.status"]) == ["FINISHED"] * 3
     assert (runs["metrics.step"] == 12).all()
     assert done_before <= set(runs["run_id"])
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_resume_from_mlflow_when_tunes_state_is_gone(
+    tiny_shapes, tiny_teacher, local_ray, tmp_path, capsys
+):
+    """<out>/tune/ deleted and one trial's run recorded FAILED (as an OOM-killed trial's is):
+    --resume with the ablation's flags reruns exactly that trial, from the MLflow ledger."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "ablate"
+    flags = ["--preset", "smoke", "--out", str(out), "--name", "ledger",
+             *data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")]  # fmt: skip
+    assert main(["ablate", *flags]) == 0
+    uri = f"sqlite:///{out}/mlruns.db"
+    before = finished_runs(uri, "ledger")
+    lost = before[before["params.pair_set"] == "baseline+intra_ts:sd"].iloc[0]
+    MlflowClient(uri).set_tag(lost["run_id"], "conaclip.status", "FAILED")
+    shutil.rmtree(out / "tune")
+    capsys.readouterr()
+
+    assert main(["ablate", *flags, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"resume: no Tune state at {out / 'tune' / 'ledger'}; resuming from the MLflow runs" in err
+    )
+    assert "resume: 2 of 3 trials have a FINISHED run in experiment ledger; running 1" in err
+    after = finished_runs(uri, "ledger")
+    rerun = after[~after["run_id"].isin(before["run_id"])]
+    assert list(rerun["params.pair_set"]) == ["baseline+intra_ts:sd"]
+    assert list(rerun["tags.conaclip.status"]) == ["FINISHED"]
+    assert list(rerun["metrics.step"]) == [6]
+    # Nothing is left to do: a second --resume (from the re-run's saved spec) runs nothing.
+    assert main(["ablate", "--resume", "--out", str(out)]) == 0
+    assert "running 0" in capsys.readouterr().err
+    assert len(finished_runs(uri, "ledger")) == 4
 
 
 @pytest.mark.integration

@@ -147,3 +147,23 @@ def test_grace_period_errors(argv, expected):
 
     with pytest.raises(InputError, match=expected):
         _spec(["--preset", "demo", *argv])
+
+
+def test_fractional_gpus_pack_trials_on_one_gpu():
+    from orchestrator.ablation import trials_that_fit
+
+    spec = _spec(["--preset", "demo", "--gpus-per-worker", "0.25", "--cpus-per-worker", "2"])
+    need = spec.scaling.trial_resources()
+    assert need == {"CPU": 2.0, "GPU": 0.25}
+    # One H200 node (16 CPUs, 1 GPU): the GPU decides, four trials share it.
+    assert trials_that_fit({"CPU": 16.0, "GPU": 1.0}, need) == 4
+    # Two such nodes: eight; with four CPUs only two fit, whatever the GPUs.
+    assert trials_that_fit({"CPU": 32.0, "GPU": 2.0}, need) == 8
+    assert trials_that_fit({"CPU": 4.0, "GPU": 1.0}, need) == 2
+    # --max-concurrent-trials caps it; 0.1 x 10 sums to 0.999... in floats and still fits 10.
+    assert trials_that_fit({"CPU": 16.0, "GPU": 1.0}, need, cap=3) == 3
+    assert trials_that_fit({"GPU": sum([0.1] * 10)}, {"GPU": 0.1}) == 10
+    # Two workers per trial hold twice the GPU share.
+    two = _spec(["--preset", "demo", "--gpus-per-worker", "0.25", "--workers", "2"])
+    assert two.scaling.trial_resources() == {"CPU": 2.0, "GPU": 0.5}
+    assert trials_that_fit({"CPU": 16.0, "GPU": 1.0}, two.scaling.trial_resources()) == 2
