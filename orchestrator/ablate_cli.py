@@ -212,6 +212,15 @@ def _resume_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool, bool]:
                 "flags with --resume and its --name"
             ) from None
         spec, use_cache = build_spec(args)
+        # Only an ablation MLflow knows can be resumed from it: a mistyped --name must not
+        # quietly start a new, full ablation.
+        database = tracking.sqlite_path(spec.tracking_uri)
+        try:
+            if database is not None and not database.is_file():
+                raise InputError(f"no MLflow store at {database}")
+            tracking.find_experiment(spec.tracking_uri, spec.experiment_name)
+        except InputError as unknown:
+            raise InputError(f"{missing}, and {unknown}: nothing to resume") from None
         return spec, use_cache, False
     if spec.race is not None and spec.round is not None:
         # The newest spec was one of a race's rounds: resume the race, not that round.

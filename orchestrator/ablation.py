@@ -369,7 +369,7 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.race import _pair_keys, check_ledger, finished_trials
+    from orchestrator.race import check_ledger, finished_trials, pair_keys
 
     path = spec.tune_dir / spec.name
     if tune.Tuner.can_restore(str(path)):
@@ -385,7 +385,7 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
     else:
         say(f"resume: no Tune state at {path}; resuming from the MLflow runs")
     runs = tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
-    check_ledger(runs, _pair_keys(spec), spec.run.steps)
+    check_ledger(runs, pair_keys(spec), spec.run.steps)
     done = finished_trials(runs)
     missing = [trial for trial in spec.trial_list() if trial not in done]
     say(f"resume: {len(spec.trial_list()) - len(missing)} of {spec.trial_count} trials have a "

@@ -490,7 +490,7 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     def read_runs() -> pd.DataFrame:
         return tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
 
-    check_ledger(read_runs(), _pair_keys(spec), spec.run.steps)
+    check_ledger(read_runs(), pair_keys(spec), spec.run.steps)
 
     def launch(number: int, trials: list[Trial]) -> list[Any]:
         return _launch_round(spec, number, trials, run_ablation, read_runs)
@@ -502,7 +502,9 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     )  # fmt: skip
 
 
-def _pair_keys(spec: Any) -> dict[str, str]:
+def pair_keys(spec: Any) -> dict[str, str]:
+    """Pair-set name -> ``PairSet.key()`` of an ablation spec: what a FINISHED run of that
+    name must have been trained with to count as done in the MLflow ledger."""
     from search_spaces.presets import PairSet
     from trainers.run_config import PairConfig
 

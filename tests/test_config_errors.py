@@ -167,3 +167,26 @@ def test_fractional_gpus_pack_trials_on_one_gpu():
     two = _spec(["--preset", "demo", "--gpus-per-worker", "0.25", "--workers", "2"])
     assert two.scaling.trial_resources() == {"CPU": 2.0, "GPU": 0.5}
     assert trials_that_fit({"CPU": 16.0, "GPU": 1.0}, two.scaling.trial_resources()) == 2
+
+
+def test_resume_of_an_ablation_nobody_ran_is_refused(tmp_path, capsys):
+    from orchestrator import tracking
+
+    out = tmp_path / "runs"
+    argv = ["ablate", "--preset", "smoke", "--out", str(out), "--name", "nope", "--resume"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"conaclip: error: --resume: no ablation named nope in {out.resolve() / 'tune'}, and no "
+        f"MLflow store at {out.resolve() / 'mlruns.db'}: nothing to resume"
+    )
+    # A store that holds other ablations only: still nothing to resume, and nothing is created.
+    uri = tracking.default_tracking_uri(out)
+    tracking.get_or_create_experiment(uri, "other")
+    capsys.readouterr()  # MLflow's own lines from creating that store
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("conaclip: error: --resume: no ablation named nope in ")
+    assert line.endswith("experiment 'nope' not found in " + uri + "; known experiments: other: "
+                         "nothing to resume")  # fmt: skip
+    assert {e.name for e in tracking.client(uri).search_experiments()} == {"other", "Default"}
