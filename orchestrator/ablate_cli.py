@@ -239,13 +239,14 @@ def _ablate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_trials(spec)
         return 0
+    # Before the lock, whose file is the first thing an ablation writes.
+    tracking.check_tracking_uri(spec.tracking_uri)
     with exclusive_ablation(spec.out_dir, spec.experiment_name):
         return _run(args, spec, use_cache, resolved)
 
 
 def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved: bool) -> int:
     """The ablation behind `conaclip ablate`, with its lock held."""
-    tracking.check_tracking_uri(spec.tracking_uri)
     # Create (and migrate) the store now, in this one process, before anyone else reads it.
     tracking.get_or_create_experiment(
         spec.tracking_uri,

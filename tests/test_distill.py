@@ -194,12 +194,25 @@ def test_resume_continues_from_the_last_checkpoint(tiny_shapes, tiny_teacher, tm
     assert step_counts == {6}
 
 
-def test_finished_run_resumed_does_no_more_work(tiny_shapes, tiny_teacher, tmp_path):
+def test_finished_run_resumed_trains_no_more_and_reports_its_end_again(
+    tiny_shapes, tiny_teacher, tmp_path
+):
+    """A trial restored after its last checkpoint (its driver died before Tune recorded it as
+    done) must still end with a result: the same step, no more training, the same recall
+    (the same weights evaluated on the same eval set)."""
     config = base_config(tiny_shapes, tiny_teacher, tmp_path, steps=2, eval_every=2)
-    train_loop_per_worker(config, Recorder())
+    first = Recorder()
+    train_loop_per_worker(config, first)
     again = Recorder()
     final = train_loop_per_worker(config, again)
-    assert again.reports == []
+    ((metrics, checkpoint),) = again.reports
+    before = first.reports[-1][0]
+    assert (metrics["step"], metrics["samples_seen"]) == (2, before["samples_seen"])
+    assert metrics["rsum"] == pytest.approx(before["rsum"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(before["loss"])
+    assert metrics["train_s"] == 0.0  # no training step ran
+    state = torch.load(f"{checkpoint}/{CHECKPOINT_FILE}", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}
     assert final["step"] == 2
 
 

@@ -206,6 +206,13 @@ class DistillationRun:
         self.phase_s["setup_s"] = time.perf_counter() - self._created
         train_seconds, window_samples = 0.0, 0
         tick_seconds, tick_samples = 0.0, 0
+        if self.step >= cfg.steps:
+            # Resumed from the final checkpoint (the driver died after the last report, before
+            # Tune recorded the trial as done): report the end again, re-evaluated, so the
+            # trial ends with its result instead of none.
+            names = {"loss", *(pair.metric_name for pair in cfg.pairs)}
+            saved = {k: float(v) for k, v in self.last_metrics.items() if k in names}
+            self._report(saved, float(self.last_metrics.get("samples_per_s", 0.0)), eval_set)
         while self.step < cfg.steps:
             started = time.perf_counter()
             batch = next(batches)
