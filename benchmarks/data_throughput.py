@@ -22,7 +22,7 @@ import trainers  # noqa: F401  (torchvision compat before open_clip)
 
 
 def bench_generator(root: Path, train_samples: int, eval_images: int, workers: int) -> dict:
-    from trainers.synthetic import synthesize
+    from trainers.synth_shards import synthesize
 
     result = synthesize(
         root / f"gen-{workers}",
@@ -45,7 +45,7 @@ def bench_generator(root: Path, train_samples: int, eval_images: int, workers: i
 def bench_pipeline(shards: list[str], image_size: int, batches: int, workers: int) -> dict:
     import open_clip
 
-    from trainers.data import make_train_loader
+    from trainers.loaders import make_train_loader
 
     batch_size = 64
     loader = make_train_loader(

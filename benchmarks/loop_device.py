@@ -19,7 +19,7 @@ import torch
 
 import trainers  # noqa: F401  (torchvision compat first)
 from trainers.distill import train_loop_per_worker
-from trainers.synthetic import synthesize
+from trainers.synth_shards import synthesize
 from trainers.teacher import teacher_config, train_teacher
 
 

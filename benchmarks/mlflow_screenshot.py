@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from orchestrator import tracking
-from orchestrator.export_cli import runs_page_url
+from orchestrator.mlflow_ui import runs_page_url
 from orchestrator.ray_cluster import free_port
 
 

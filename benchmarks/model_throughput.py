@@ -21,13 +21,8 @@ from pathlib import Path
 import torch
 
 import trainers  # noqa: F401  (torchvision compat before open_clip)
-from trainers.models import (
-    builtin_model_names,
-    embed_dim_of,
-    encode_throughput,
-    load_model,
-    model_report,
-)
+from trainers.export import encode_throughput, model_report
+from trainers.models import builtin_model_names, embed_dim_of, load_model
 
 TEACHER = "conaclip-teacher"
 

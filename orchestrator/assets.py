@@ -37,7 +37,7 @@ def ensure_builtin_data(
     seed: int = 0,
 ) -> Shards:
     """The built-in data set's shard patterns, generated under the workspace if missing."""
-    from trainers.synthetic import synthesize
+    from trainers.synth_shards import synthesize
 
     root = workspace.data_dir / f"shapes-n{train_samples}-e{eval_images}-s{seed}"
     done = root / "_complete"

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.trial import ScalingSpec
 from trainers.errors import InputError
 from trainers.run_config import DistillConfig, describe_validation_error
+from trainers.yaml_input import parse_yaml_mapping
 
 ALIASES = {"workers": "num_workers"}
 
@@ -66,15 +66,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InputError(f"{path}:{where}: not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    data = parse_yaml_mapping(path.read_text(), str(path), "a mapping of field: value")
     return {ALIASES.get(str(key), str(key)): value for key, value in data.items()}
 
 

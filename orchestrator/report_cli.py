@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator import selection, stats, table, tracking
+from orchestrator import heatmap, selection, stats, table, table_format, tracking
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_source_flags(table_parser)
     table_parser.add_argument(
-        "--format", choices=table.FORMATS, default="md", help="output format (default: md)"
+        "--format", choices=table_format.FORMATS, default="md", help="output format (default: md)"
     )
     table_parser.set_defaults(handler=_table)
 
@@ -126,7 +126,7 @@ def _report_dir(out: Path, experiment: str) -> Path:
 def _table(args: argparse.Namespace) -> int:
     runs = _runs(args)
     result = _selection(args, runs)
-    text = table.format_table(result, args.format)
+    text = table_format.format_table(result, args.format)
     sys.stdout.write(text)
     experiment = runs.attrs["experiment"]
     folder = _report_dir(args.out, experiment)
@@ -135,7 +135,7 @@ def _table(args: argparse.Namespace) -> int:
     written[0].write_text(text)
     if result.attrs.get("baseline") is not None:
         written.append(folder / "heatmap.png")
-        table.heatmap(result, written[1], title=f"{experiment}: Δ {args.metric} vs baseline")
+        heatmap.heatmap(result, written[1], title=f"{experiment}: Δ {args.metric} vs baseline")
     else:
         print("no baseline run in this experiment: no heatmap", file=sys.stderr)
     for path in written:
@@ -154,7 +154,7 @@ def _numbers(row: pd.Series, metric: str) -> list[str]:
     """The row's numbers: recalls as mean [95% CI over seeds], the metric, its paired gain."""
 
     def mean_ci(name: str) -> str:
-        return table.mean_cell(row, name).replace("—", "n/a")
+        return table_format.mean_cell(row, name).replace("—", "n/a")
 
     lines = [
         f"  pairs: {row['pairs']}",

@@ -35,12 +35,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ValidationError
 
 from trainers.errors import InputError
 from trainers.graph import valid_pairs
 from trainers.run_config import AUTO, PairConfig, describe_validation_error, parse_pairs
+from trainers.yaml_input import parse_yaml_mapping
 
 BASELINE_PRESET = "baseline"
 GENERATED = {
@@ -162,7 +162,7 @@ def load_preset(name: str) -> Preset:
     if name not in files:
         raise InputError(f"unknown preset {name!r}; expected one of {', '.join(preset_names())}")
     source = f"search_spaces/{name}.yaml"
-    return _preset_from_mapping(name, _read_yaml_text(files[name].read_text(), source), source)
+    return _preset_from_mapping(name, parse_yaml_mapping(files[name].read_text(), source), source)
 
 
 def baseline_pair_set() -> PairSet:
@@ -212,7 +212,7 @@ def pair_sets_from_yaml(path: str | Path) -> list[PairSet]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: pair-set file not found")
-    data = _read_yaml_text(path.read_text(), str(path))
+    data = parse_yaml_mapping(path.read_text(), str(path))
     if ("pair_sets" in data) == ("pairs" in data):
         raise InputError(
             f"{path}: expected exactly one of 'pair_sets' (a list of {{name, pairs}}) or "
@@ -234,19 +234,6 @@ def _generated(name: str) -> Preset:
     sets = (baseline, *greedy_candidates(baseline))
     kind: PresetKind = "greedy" if name == "greedy" else "grid"
     return Preset(name, f"{name}: {GENERATED[name]}", sets, baseline, {}, kind)
-
-
-def _read_yaml_text(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InputError(f"{source}:{where}: not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping at the top level")
-    return data
 
 
 def _pair_sets(entries: Any, source: str, where: str) -> list[PairSet]:

@@ -8,7 +8,7 @@ import trainers  # noqa: F401  (side effect: torchvision compat before any open_
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     """A small built-in data set (real shards): 600 train samples in 3 shards, 60 eval images."""
-    from trainers.synthetic import synthesize
+    from trainers.synth_shards import synthesize
 
     root = tmp_path_factory.mktemp("shapes")
     return synthesize(

@@ -18,18 +18,17 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from trainers.data import (
+from trainers.errors import InputError
+from trainers.loaders import load_eval_set, make_train_loader
+from trainers.shards import (
     BadSample,
     SampleError,
     check_shards,
     expand_urls,
     iter_shard,
-    load_eval_set,
-    make_train_loader,
     parse_sample,
     write_shard,
 )
-from trainers.errors import InputError
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 TO_TENSOR = transforms.ToTensor()  # exact: uint8 / 255, so expected pixels are hand-computable
@@ -223,7 +222,7 @@ def test_single_pass_training_skips_each_bad_sample_once_with_a_warning(corrupt_
         shuffle_buffer=0,
         resampled=False,
     )
-    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+    with caplog.at_level(logging.WARNING, logger="trainers.loaders"):
         batches = list(loader)
     keys = [(k, b) for b in batches for k in b["key"]]
     assert sorted(k for k, _ in keys) == sorted(

@@ -15,8 +15,9 @@ from PIL import Image
 from torchvision import transforms
 
 from orchestrator.data_cli import register
-from trainers.data import check_shards, load_eval_set, make_train_loader, write_shard
 from trainers.errors import InputError
+from trainers.loaders import load_eval_set, make_train_loader
+from trainers.shards import check_shards, write_shard
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 TO_TENSOR = transforms.ToTensor()

@@ -248,8 +248,8 @@ def test_warmup_cosine_schedule_values():
 def test_cached_teacher_embeddings_equal_a_live_forward(
     tiny_shapes, tiny_teacher, tmp_path, local_ray
 ):
-    from trainers.data import iter_samples
     from trainers.models import load_model
+    from trainers.shards import iter_samples
     from trainers.teacher_cache import build_teacher_cache, cache_shards
 
     train = str(tiny_shapes.out_dir / "train")

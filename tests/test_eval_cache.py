@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainers import eval_cache
-from trainers.data import load_eval_set
+from trainers.loaders import load_eval_set
 from trainers.models import build_student
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from orchestrator.ray_cluster import descendant_pids, free_port
-from trainers.data import iter_shard, write_shard
 from trainers.distill import CHECKPOINT_FILE, train_loop_per_worker
 from trainers.errors import InputError
+from trainers.shards import iter_shard, write_shard
 
 
 def good_samples(shapes, count: int) -> list[dict]:

@@ -1,4 +1,5 @@
-"""trainers.models: built-in configs, checkpoint loading, width heads, export, report."""
+"""trainers.models (built-in configs, checkpoint loading, width heads) and trainers.export
+(export, report)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from trainers.errors import InputError
+from trainers.export import export_student, model_report, parameter_counts
 from trainers.models import (
     CONFIG_DIR,
     DistillStudent,
@@ -19,10 +21,7 @@ from trainers.models import (
     build_student,
     builtin_model_names,
     embed_dim_of,
-    export_student,
     load_model,
-    model_report,
-    parameter_counts,
     read_state_dict,
     register_builtin_configs,
 )

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from trainers.errors import InputError
-from trainers.synthetic import (
+from trainers.shapes_world import (
     Scene,
     SceneObject,
     perturb_scene,
@@ -25,9 +25,9 @@ from trainers.synthetic import (
     render_captions,
     render_image,
     sample_scene,
-    synthesize,
     true_relations,
 )
+from trainers.synth_shards import synthesize
 
 COLOUR = {
     "red": "red", "scarlet": "red", "orange": "orange", "yellow": "yellow", "golden": "yellow",

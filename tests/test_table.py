@@ -24,14 +24,9 @@ import yaml
 from PIL import Image
 
 from orchestrator import report_cli, stats, tracking
-from orchestrator.table import (
-    color_halfrange,
-    format_table,
-    heatmap,
-    heatmap_grid,
-    load_ranks,
-    selection_table,
-)
+from orchestrator.heatmap import color_halfrange, heatmap, heatmap_grid
+from orchestrator.table import load_ranks, selection_table
+from orchestrator.table_format import format_table
 from search_spaces.presets import pair_sets_from_yaml
 from trainers.errors import InputError
 from trainers.graph import LEARNING_TYPES, STRATEGIES

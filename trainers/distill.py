@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainers.data import make_train_loader
 from trainers.errors import InputError
 from trainers.eval_cache import load_eval_set_cached
 from trainers.evaluate import evaluate_retrieval
 from trainers.graph import learning_type_spec
+from trainers.loaders import make_train_loader
 from trainers.losses import interaction_loss
 from trainers.models import DistillStudent, LoadedModel, build_student, embed_dim_of, load_model
 from trainers.run_config import LEARNABLE, DistillConfig, PairConfig, load_distill_config

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from trainers.data import EvalSet, Preprocess, ShardSpec, Tokenizer, expand_urls, load_eval_set
+from trainers.loaders import EvalSet, Preprocess, Tokenizer, load_eval_set
+from trainers.shards import ShardSpec, expand_urls
 
 TENSORS_FILE = "eval_set.pt"
 TEXT_FILE = "eval_set.json"

@@ -1,4 +1,4 @@
-"""Teacher and student dual encoders built through open_clip, local checkpoints, export, report.
+"""Teacher and student dual encoders built through open_clip, and local checkpoints.
 
 A model is named either by an open_clip architecture (its weights come from a local checkpoint;
 nothing is ever downloaded) or by one of the JSON configs in ``trainers/model_configs/``, which
@@ -13,10 +13,6 @@ import contextlib
 import difflib
 import json
 import logging
-import os
-import statistics
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,13 +242,14 @@ def load_model(
     return loaded
 
 
-def _clip_of(model: nn.Module) -> nn.Module:
+def clip_of(model: nn.Module) -> nn.Module:
+    """The open_clip model itself: a DistillStudent's ``clip``, any other model as it is."""
     return model.clip if isinstance(model, DistillStudent) else model
 
 
 def embed_dim_of(model: nn.Module) -> int:
     """Width of the joint embedding space of an open_clip model (a DistillStudent's own width)."""
-    clip = _clip_of(model)
+    clip = clip_of(model)
     text = getattr(clip, "text", None)
     if text is not None and getattr(text, "output_dim", None):
         return int(text.output_dim)
@@ -345,175 +342,3 @@ def build_student(
     loaded = _create(_resolve_name(name), device)
     student = DistillStudent(loaded.model, teacher_embed_dim, model_cfg=loaded.model_cfg)
     return student.to(device), loaded
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        temp = Path(handle.name)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def export_student(
-    student: nn.Module,
-    out_dir: str | Path,
-    name: str,
-    model_cfg: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write the student CLIP (width head dropped) as open_clip-loadable files.
-
-    Writes ``{out_dir}/{name}.json`` (the open_clip model config) and ``{out_dir}/{name}.pt``
-    (the CLIP state dict, CPU tensors, the model's dtype); returns the weights path. Load back
-    with ``open_clip.add_model_config(out_dir)`` then
-    ``open_clip.create_model(name, pretrained=str(path))``. ``model_cfg`` defaults to the one
-    a DistillStudent recorded; a bare CLIP needs it passed.
-    """
-    if not name or Path(name).name != name or name.startswith("."):
-        raise InputError(f"export name '{name}': expected a plain file stem such as 'my-student'")
-    clip = _clip_of(student)
-    if model_cfg is None and isinstance(student, DistillStudent):
-        model_cfg = student.model_cfg
-    if model_cfg is None:
-        raise ValueError("export_student needs model_cfg for a model without a recorded config")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = out_dir / f"{name}.pt"
-    state = {key: value.detach().cpu() for key, value in clip.state_dict().items()}
-    _atomic_write(weights_path, lambda temp: torch.save(state, temp))
-    config_text = json.dumps(dict(model_cfg), indent=4) + "\n"
-    _atomic_write(out_dir / f"{name}.json", lambda temp: temp.write_text(config_text))
-    return weights_path
-
-
-def _token_embedding(clip: nn.Module) -> nn.Module | None:
-    for owner in (clip, getattr(clip, "text", None)):
-        embedding = getattr(owner, "token_embedding", None)
-        if isinstance(embedding, nn.Embedding):
-            return embedding
-    text = getattr(clip, "text", None)
-    transformer = getattr(text, "transformer", None)
-    if hasattr(transformer, "get_input_embeddings"):  # HF text towers
-        return transformer.get_input_embeddings()
-    return None
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters per tower of an open_clip model (a DistillStudent counts its CLIP only).
-
-    "image": the vision tower; "text": the text tower including its token embedding;
-    "token_embedding": that embedding alone; "other": the logit scale (and bias);
-    "total"; "total_excl_token_embedding".
-    """
-    clip = _clip_of(model)
-    image_ids = {id(p) for p in clip.visual.parameters()}
-    logit_params = (getattr(clip, "logit_scale", None), getattr(clip, "logit_bias", None))
-    other_ids = {id(p) for p in logit_params if p is not None}
-    embedding = _token_embedding(clip)
-    counts = {"image": 0, "text": 0, "other": 0}
-    for parameter in clip.parameters():
-        if id(parameter) in image_ids:
-            counts["image"] += parameter.numel()
-        elif id(parameter) in other_ids:
-            counts["other"] += parameter.numel()
-        else:
-            counts["text"] += parameter.numel()
-    counts["token_embedding"] = embedding.weight.numel() if embedding is not None else 0
-    counts["total"] = counts["image"] + counts["text"] + counts["other"]
-    counts["total_excl_token_embedding"] = counts["total"] - counts["token_embedding"]
-    return counts
-
-
-def size_on_disk(model: nn.Module) -> dict[str, int]:
-    """Bytes of the CLIP state dict saved with torch.save in fp32 and in fp16 (measured)."""
-    state = _clip_of(model).state_dict()
-    sizes = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-            path = Path(tmp) / f"{label}.pt"
-            cast = {
-                k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
-                for k, v in state.items()
-            }
-            torch.save(cast, path)
-            sizes[label] = path.stat().st_size
-    return sizes
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _per_second(run: Callable[[], Tensor], items: int, iters: int, device: torch.device) -> float:
-    for _ in range(2):  # warm-up: allocator, kernel selection
-        run()
-    times = []
-    for _ in range(iters):
-        _synchronize(device)
-        start = time.perf_counter()
-        run()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    # The median batch, not the mean: on a shared machine other processes' bursts hit a few
-    # batches hard and would otherwise decide the number.
-    return items / statistics.median(times)
-
-
-def encode_throughput(
-    model: nn.Module,
-    image_size: int | None = None,
-    context_length: int | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    iters: int = 10,
-) -> dict[str, float]:
-    """Inference encode speed of images and of texts: items/s over the median batch wall time.
-
-    Random inputs (speed does not depend on values); ``image_size``/``context_length`` default
-    to the model's own. The model is moved to ``device`` and its train/eval mode is restored.
-    """
-    clip = _clip_of(model)
-    device = torch.device(device)
-    image_size = image_size or clip.visual.image_size[0]
-    context_length = context_length or getattr(clip, "context_length", None)
-    context_length = context_length or clip.text.context_length
-    vocab_size = getattr(clip, "vocab_size", None) or clip.text.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
-    tokens = torch.randint(0, vocab_size, (batch_size, context_length), generator=generator)
-    tokens = tokens.to(device)
-    was_training = clip.training
-    clip.to(device).eval()
-    try:
-        with torch.inference_mode():
-            images_per_s = _per_second(lambda: clip.encode_image(images), batch_size, iters, device)
-            texts_per_s = _per_second(lambda: clip.encode_text(tokens), batch_size, iters, device)
-    finally:
-        clip.train(was_training)
-    return {"images_per_s": images_per_s, "texts_per_s": texts_per_s}
-
-
-def model_report(
-    model: nn.Module,
-    image_size: int | None = None,
-    context_length: int | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    iters: int = 10,
-) -> dict[str, Any]:
-    """Parameters per tower, size on disk and encode throughput of a CLIP (heads excluded).
-
-    Flat keys (MLflow-friendly): ``params_{image,text,token_embedding,other,total,
-    total_excl_token_embedding}``, ``size_fp32_bytes``, ``size_fp16_bytes``, ``images_per_s``,
-    ``texts_per_s``, plus the measurement settings ``device``, ``threads``, ``batch_size``.
-    """
-    report: dict[str, Any] = {f"params_{k}": v for k, v in parameter_counts(model).items()}
-    report.update({f"size_{k}_bytes": v for k, v in size_on_disk(model).items()})
-    report.update(encode_throughput(model, image_size, context_length, device, batch_size, iters))
-    report.update(
-        {"device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size}
-    )
-    return report

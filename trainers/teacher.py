@@ -20,7 +20,8 @@ import torch
 
 from trainers.distill import CHECKPOINT_FILE, Progress, train_loop_per_worker
 from trainers.errors import InputError
-from trainers.models import build_student, export_student
+from trainers.export import export_student
+from trainers.models import build_student
 from trainers.run_config import DistillConfig
 
 RESULT_FILE = "teacher.json"
@@ -67,7 +68,7 @@ def teacher_config(
 
 def config_hash(cfg: DistillConfig) -> str:
     """Stable hash of everything that changes the trained weights (not where outputs go)."""
-    from trainers.data import expand_urls
+    from trainers.shards import expand_urls
 
     # Settings of distillation pairs the CLIP loss never reads stay out, so adding one to
     # DistillConfig does not orphan every trained teacher.

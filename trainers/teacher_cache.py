@@ -85,7 +85,7 @@ def cache_shards(cache_dir: str | Path, train_shards: str | Sequence[str], teach
 
     teacher: the LoadedModel of the run's teacher. InputError when the cache is missing or stale.
     """
-    from trainers.data import expand_urls
+    from trainers.shards import expand_urls
 
     manifest = read_manifest(cache_dir)
     if manifest is None:
@@ -120,8 +120,8 @@ def encode_shard(
     """
     import webdataset as wds
 
-    from trainers.data import BadSample, SampleError, iter_shard, parse_sample
     from trainers.models import load_model
+    from trainers.shards import BadSample, SampleError, iter_shard, parse_sample
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -208,8 +208,8 @@ def build_teacher_cache(
     """
     import ray
 
-    from trainers.data import expand_urls
     from trainers.models import embed_dim_of, load_model
+    from trainers.shards import expand_urls
 
     shards = expand_urls(train_shards)
     teacher = load_model(teacher_name, teacher_checkpoint, device="cpu")
