@@ -322,7 +322,8 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="seed racing (needs a baseline): round 1 runs every pair set at --seeds seeds; "
         "after each round a cell leaves the race when its verdict is 'worse' than the "
-        "baseline or its 95%% interval lies below the leader's; the open cells and the "
+        "baseline, its 95%% interval lies below the leader's, or F-Race's Friedman/Conover "
+        "test over seeds ranks it below the top cell; the open cells and the "
         "baseline get one more seed, until it is settled or --max-seeds. Each round is a Tune "
         "run <name>-round<k> in the one MLflow experiment <name>; trials already FINISHED "
         "there are skipped, so re-running or --resume finishes an interrupted race",

@@ -8,6 +8,10 @@ per active cell (``decide``):
 - drop it when its verdict is ``worse`` (significantly below the baseline);
 - drop it when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (it cannot be
   the best; the leader is the active cell, baseline included, with the highest mean);
+- drop it when F-Race's test (Birattari et al., 2002) says it cannot be the best (Friedman's
+  test with seeds as blocks, then Conover's comparison of its rank sum with the top one) and
+  its mean paired gain is not above the baseline's (a cell ahead of the baseline may still be
+  significantly better: the verdict's set of better cells is the combined recipe);
 - keep it otherwise.
 
 The next round adds one seed to every kept cell and to the baseline (gains are paired with the
@@ -29,8 +33,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from orchestrator import stats
 from trainers.errors import InputError
 
 FINISHED = "FINISHED"
@@ -48,7 +54,8 @@ class RaceStep:
     ``kept``: the non-baseline cells that race on, in the order they were given; ``dropped``:
     cell -> why it left the race this round; ``leader``: the cell (possibly the baseline) with
     the highest mean, None when nothing finished; ``stop`` and ``reason`` (why it stops, or why
-    it goes on); ``next_seeds``: seeds per cell after the next round (== ``seeds`` on stop).
+    it goes on); ``next_seeds``: seeds per cell after the next round (== ``seeds`` on stop);
+    ``ranking``: the F-Race test of this round in one line (None when it could not run).
     """
 
     seeds: int
@@ -58,6 +65,7 @@ class RaceStep:
     stop: bool
     reason: str
     next_seeds: int
+    ranking: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,7 @@ def _round_dict(r: RaceRound) -> dict[str, Any]:
         "leader": r.step.leader,
         "stop": r.step.stop,
         "reason": r.step.reason,
+        "ranking": r.step.ranking,
     }
 
 
@@ -196,21 +205,60 @@ def _worse_reason(row: dict[str, Any]) -> str:
     )
 
 
+def ranked_seeds(
+    table: pd.DataFrame, names: Sequence[str], metric: str = "rsum"
+) -> tuple[list[str], list[str], np.ndarray]:
+    """(names ranked, their common seeds, values of shape (names, seeds)) from the table's
+    ``<metric>_by_seed`` column: the complete blocks Friedman's test needs. Only the names
+    with the most finished seeds are ranked (a cell one failed trial short is left out, not
+    every cell cut to its seeds), over the seeds they all have."""
+    rows = _rows(table)
+    by_seed = {n: dict(rows[n].get(f"{metric}_by_seed") or {}) for n in names if n in rows}
+    most = max((len(values) for values in by_seed.values()), default=0)
+    by_seed = {n: values for n, values in by_seed.items() if values and len(values) == most}
+    if not by_seed:
+        return [], [], np.empty((0, 0))
+    common = set.intersection(*(set(values) for values in by_seed.values()))
+    seeds = sorted(common, key=lambda s: (0, int(s)) if str(s).isdigit() else (1, str(s)))
+    kept = list(by_seed)
+    values = np.array([[float(by_seed[n][s]) for s in seeds] for n in kept]).reshape(
+        len(kept), len(seeds)
+    )
+    return kept, [str(s) for s in seeds], values
+
+
 def decide(
     table: pd.DataFrame,
     active: Sequence[str],
     seeds: int,
     max_seeds: int,
     metric: str = "rsum",
+    alpha: float = 0.05,
 ) -> RaceStep:
     """The next round's plan from ``table`` (``selection_table`` output over the runs the race
     has so far), the non-baseline cells still racing (``active``) and the seeds each has.
 
-    Per active cell: dropped when its ``verdict`` is ``worse``, or when its ``<metric>_ci_high``
-    is below the leader's ``<metric>_ci_low`` (``leader_of`` over the baseline and the active
-    cells not dropped as worse); kept otherwise, also when it has no finished run or no
-    interval yet (NaN compares false: with one seed nothing is dropped on intervals). The
-    baseline is never a member of ``active`` and is never dropped.
+    Per active cell, in this order:
+
+    - dropped when its ``verdict`` is ``worse`` (significantly below the baseline);
+    - dropped when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (NaN
+      compares false: with one seed nothing is dropped on intervals);
+    - dropped when F-Race's test says it cannot be the best and it is not ahead of the
+      baseline (``gain_mean <= 0``; a cell ahead may still become significantly better and
+      join the recipe, so it races on): Friedman's test over the seeds (blocks) of the
+      baseline and the active cells not worse (at least 3 of them, 2 seeds in common) is
+      significant at ``alpha`` and the cell's rank sum is below the top rank sum by more than
+      Conover's critical difference (``stats.friedman_conover``). Seeds are blocks
+      because a seed fixes the initialisation and data order every cell shares (a strong
+      common effect: comparisons within a seed are paired), and the rank variance is pooled
+      over every racing cell, so at 2 seeds the comparison has ``k - 1`` degrees of freedom
+      where a paired t-test of two cells has 1. The interval rule catches what ranks cannot
+      with few cells (with 4 cells and 2 seeds Friedman's p is never below 0.11);
+    - kept otherwise, also when it has no finished run or no interval yet.
+
+    The baseline is ranked with the cells (it may hold the top rank sum) but is never dropped.
+    The leader (``leader_of``) is the cell, baseline included, with the highest mean among
+    those not dropped as worse.
 
     Stops (``stop=True``) when settled, i.e. no kept cell is left besides the leader and the
     leader's own verdict is not ``open`` (a leader that has not yet been told apart from the
@@ -230,7 +278,6 @@ def decide(
     survivors = [c for c in active if c not in dropped]
     leader = leader_of(table, survivors, metric)
     leader_low = _num(rows.get(leader), f"{metric}_ci_low")
-    kept: list[str] = []
     for cell in survivors:
         high = _num(rows.get(cell), f"{metric}_ci_high")
         if cell != leader and high < leader_low:
@@ -238,8 +285,33 @@ def decide(
                 f"{metric} CI high {high:.2f} is below the CI low {leader_low:.2f} of "
                 f"the leader {leader}"
             )
+    contenders = ([baseline] if baseline is not None else []) + survivors
+    names, common, values = ranked_seeds(table, contenders, metric)
+    ranking = None
+    if len(names) >= 3 and len(common) >= 2:
+        test = stats.friedman_conover(values, alpha)
+        top = int(np.argmax(test.rank_sums))
+        ranking = (
+            f"Friedman p {test.p:.3g} over {len(names)} cells x seeds {common[0]}..{common[-1]}"
+        )
+        if test.p < alpha and not math.isnan(test.critical_difference):
+            bar = test.rank_sums[top] - test.critical_difference
+            ranking += (
+                f", top rank sum {test.rank_sums[top]:g} ({names[top]}), Conover's critical "
+                f"difference {test.critical_difference:.2f}: below {bar:.2f} cannot be the best"
+            )
+            for name, rank_sum in zip(names, test.rank_sums, strict=True):
+                if name in (baseline, leader) or name in dropped or rank_sum >= bar:
+                    continue
+                # A cell ahead of the baseline may still turn out significantly better, i.e.
+                # join the recipe: it races on although it cannot be the best.
+                gain = _num(rows.get(name), "gain_mean")
+                if math.isnan(gain) or gain > 0:
+                    continue
+                dropped[name] = f"rank sum {rank_sum:g} < {bar:.2f}, F-Race; gain {gain:+.2f}"
         else:
-            kept.append(cell)
+            ranking += ": not significant, nothing dropped on ranks"
+    kept = [c for c in survivors if c not in dropped]
     dropped = {c: dropped[c] for c in active if c in dropped}  # in the order given
 
     others = [c for c in kept if c != leader]
@@ -250,15 +322,15 @@ def decide(
             if not kept
             else f"settled: only the leader {leader} is left, verdict {leader_verdict}"
         )
-        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds)
+        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds, ranking)
     if seeds >= max_seeds:
         reason = f"reached --max-seeds {max_seeds} with {len(kept)} cell(s) still open"
-        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds)
+        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds, ranking)
     if others:
         reason = f"{len(others)} cell(s) not yet told apart from the leader {leader}"
     else:
         reason = f"the leader {leader} is not yet told apart from the baseline"
-    return RaceStep(seeds, tuple(kept), dropped, leader, False, reason, seeds + 1)
+    return RaceStep(seeds, tuple(kept), dropped, leader, False, reason, seeds + 1, ranking)
 
 
 def verdict_of(table: pd.DataFrame, cells: Iterable[str], metric: str = "rsum") -> RaceVerdict:
@@ -391,6 +463,7 @@ def round_line(r: RaceRound, cells_total: int) -> str:
         f"race round {r.number}: {len(r.planned)} trials ({launched}), seeds 0..{r.seeds - 1} "
         f"per cell; active ({len(r.step.kept)}/{cells_total}): {kept}; dropped: {dropped}; "
         f"leader {r.step.leader}; {r.step.reason}"
+        + (f"; F-Race: {r.step.ranking}" if r.step.ranking else "")
     )
 
 

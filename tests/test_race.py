@@ -24,9 +24,10 @@ T1, T2 = 12.706204736174698, 4.302652729749464
 
 
 def row(name, mean, low, high, verdict="open", *, baseline=False, seeds=2, gain=NAN,
-        gain_low=NAN, gain_high=NAN, p=NAN):  # fmt: skip
+        gain_low=NAN, gain_high=NAN, p=NAN, by_seed=None):  # fmt: skip
     """One table row with the columns the race reads (selection_table's contract)."""
     return {
+        "rsum_by_seed": {str(s): v for s, v in enumerate(by_seed)} if by_seed else {},
         "pair_set": name, "pairs": name, "is_baseline": baseline, "seeds": seeds,
         "rsum_mean": mean, "rsum_ci_low": low, "rsum_ci_high": high,
         "gain_n": pd.NA if baseline else seeds, "gain_mean": gain, "gain_ci_low": gain_low,
@@ -98,6 +99,57 @@ def test_hand_computed_intervals_from_the_real_table_drop_the_cell_below_the_lea
     assert step.kept == ("a", "c")
     assert not step.stop and step.next_seeds == 4
     assert step.reason == "1 cell(s) not yet told apart from the leader a"
+
+
+def test_friedman_drops_what_ranks_over_seeds_rule_out_and_never_the_baseline():
+    # The hand-computed example of test_stats: rank sums a 12, base 7, b 5 over 4 seeds,
+    # Friedman T 6.5 (p = exp(-3.25) = 0.0388), Conover's critical difference 3.4605.
+    # Intervals overlap (b's high 6.5 >= a's low 6.0), so only the ranks drop b; the
+    # baseline (7 < 12 - 3.46) is below the bar too but is the reference and stays.
+    t = table(
+        row("base", 4.75, 1.0, 8.5, baseline=True, seeds=4, by_seed=[5.0, 6.0, 7.0, 1.0]),
+        row("a", 8.625, 6.0, 11.0, seeds=4, by_seed=[10.0, 8.0, 9.5, 7.0]),
+        row("b", 2.5, 0.5, 6.5, seeds=4, gain=-2.25, by_seed=[1.0, 2.0, 3.0, 4.0]),
+    )
+    step = race.decide(t, ["a", "b"], seeds=4, max_seeds=6)
+    assert step.dropped == {"b": "rank sum 5 < 8.54, F-Race; gain -2.25"}
+    assert step.ranking == (
+        "Friedman p 0.0388 over 3 cells x seeds 0..3, top rank sum 12 (a), Conover's critical "
+        "difference 3.46: below 8.54 cannot be the best"
+    )
+    assert step.kept == ("a",) and step.leader == "a" and not step.stop
+    # At level 0.01 Friedman's test is not significant: nothing is dropped on ranks.
+    strict = race.decide(t, ["a", "b"], seeds=4, max_seeds=6, alpha=0.01)
+    assert strict.dropped == {}
+    assert strict.ranking == (
+        "Friedman p 0.0388 over 3 cells x seeds 0..3: not significant, nothing dropped on ranks"
+    )
+
+
+def test_a_cell_ahead_of_the_baseline_races_on_although_ranks_rule_it_out():
+    # Same ranks as above, but c's mean paired gain is positive (hand-built: the ranks and
+    # the gains come from different columns): it may still become significantly better.
+    t = table(
+        row("base", 4.75, 1.0, 8.5, baseline=True, seeds=4, by_seed=[5.0, 6.0, 7.0, 1.0]),
+        row("a", 8.625, 6.0, 11.0, seeds=4, by_seed=[10.0, 8.0, 9.5, 7.0]),
+        row("c", 2.5, 0.5, 6.5, seeds=4, gain=0.5, by_seed=[1.0, 2.0, 3.0, 4.0]),
+    )
+    step = race.decide(t, ["a", "c"], seeds=4, max_seeds=6)
+    assert step.dropped == {} and step.kept == ("a", "c")
+    assert "below 8.54 cannot be the best" in step.ranking
+
+
+def test_friedman_needs_three_rankable_cells_and_two_common_seeds():
+    # b ran one seed, base and a two: b is left out of the ranking, and two cells are too few.
+    t = table(
+        row("base", 4.0, 1.0, 7.0, baseline=True, by_seed=[5.0, 3.0]),
+        row("a", 9.0, 1.0, 17.0, by_seed=[10.0, 8.0]),
+        row("b", 1.0, NAN, NAN, seeds=1, by_seed=[1.0]),
+    )
+    names, seeds, values = race.ranked_seeds(t, ["base", "a", "b"])
+    assert (names, seeds, values.tolist()) == (["base", "a"], ["0", "1"], [[5.0, 3.0], [10.0, 8.0]])
+    step = race.decide(t, ["a", "b"], seeds=2, max_seeds=5)
+    assert step.dropped == {} and step.ranking is None
 
 
 def test_open_cells_are_kept_and_get_one_more_seed():
@@ -242,8 +294,12 @@ def test_replayed_race_sees_only_what_it_asked_for():
     assert lines[0] == (
         "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (2/3): "
         "a, c; dropped: b (rsum CI high 86.85 is below the CI low 89.15 of the leader a); "
-        "leader a; 1 cell(s) not yet told apart from the leader a"
+        "leader a; 1 cell(s) not yet told apart from the leader a; F-Race: Friedman p 0.145 "
+        "over 4 cells x seeds 0..1: not significant, nothing dropped on ranks"
     )
+    # Ranks per seed: seed 0 b 1, base 2, c 3, a 4; seed 1 b 1, base 2, a 3, c 4. R = a 7,
+    # c 7, base 4, b 2; A = 60, C = 2*4*25/4 = 50, T = 3 * (118 - 100) / 10 = 5.4, whose
+    # chi-square (3 df) tail is 0.145.
     assert race.verdict_lines(result)[0] == (
         "race verdict (rsum, 2 round(s), up to 3 seeds): winner none (the leader a is not yet "
         "better than the baseline); better: -; worse: -"
