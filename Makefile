@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.conaclip-installed
 
-.PHONY: demo test test-fast lint venv ui
+.PHONY: demo test test-fast lint venv ui img2dataset
 
 venv: $(STAMP)
 
@@ -32,5 +32,22 @@ lint: $(STAMP)
 test-fast: lint
 	$(BIN)/python -m pytest -m "not integration and not faults"
 
-test: lint
-	$(BIN)/python -m pytest
+# img2dataset (test-only: tests/test_img2dataset.py runs its CLI on a local HTTP server) gets
+# a venv of its own inside .venv: it needs pandas < 3 and webdataset 0.2.x, which the product's
+# constraints.txt rules out, and it must never re-resolve the product's torch. It pulls no torch
+# (checked below, so a future release that does fails here, not with a silent CUDA download).
+I2D_VERSION := 1.47.0
+I2D_VENV := $(VENV)/img2dataset
+I2D_STAMP := $(I2D_VENV)/.installed-$(I2D_VERSION)
+
+img2dataset: $(I2D_STAMP)
+
+$(I2D_STAMP): | $(STAMP)
+	test -x $(I2D_VENV)/bin/python || $(PYTHON) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install --quiet img2dataset==$(I2D_VERSION)
+	$(I2D_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+	touch $@
+
+# CONACLIP_IMG2DATASET makes the img2dataset test fail, never skip, when the CLI is missing.
+test: lint $(I2D_STAMP)
+	CONACLIP_IMG2DATASET=$(I2D_VENV)/bin/img2dataset $(BIN)/python -m pytest
