@@ -282,17 +282,27 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise InputError(f"--resume: no ablation state at {path}; nothing to resume")
+        # Errored trials run again (an OOM kill, resources not had in time): the trial
+        # re-enters its Train run, which resumes from that run's newest checkpoint.
         return tune.Tuner.restore(
             str(path),
             trainable,
             resume_unfinished=True,
-            resume_errored=False,
+            resume_errored=True,
             restart_errored=False,
         )
     tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.experiment_name}
     if spec.round is not None:
         tags["conaclip.round"] = str(spec.round)
-    logger = MlflowTrialLogger(spec.tracking_uri, spec.experiment_name, tags, _params_of(spec))
+    logger = MlflowTrialLogger(
+        spec.tracking_uri,
+        spec.experiment_name,
+        tags,
+        _params_of(spec),
+        # One spool per experiment: a resume from the MLflow ledger (a new Tune run) finds
+        # what an earlier run could not write.
+        spool_dir=spool_dir(spec),
+    )
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -332,6 +342,11 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
             verbose=1 if spec.tune_output else 0,
         ),
     )
+
+
+def spool_dir(spec: AblationSpec) -> Path:
+    """Where the MLflow logger keeps queued artifacts and writes it could not make."""
+    return spec.tune_dir / f"{spec.experiment_name}.mlflow-spool"
 
 
 def save_spec(spec: AblationSpec) -> Path:
@@ -409,13 +424,15 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
 
 
 def _outcome(spec: AblationSpec, results) -> AblationOutcome:
+    from orchestrator.trial import error_reason
+
     outcome = AblationOutcome(spec.name)
     for result in results:
         config = result.config or {}
         status = "FAILED" if result.error else "FINISHED"
         error = None
         if result.error:
-            error = f"{type(result.error).__name__}; details in {result.path}/error.txt"
+            error = f"{error_reason(result.error)}; details in {result.path}/error.txt"
         outcome.trials.append(
             TrialOutcome(
                 config.get("pair_set", "?"), config.get("seed", -1), status, str(result.path), error

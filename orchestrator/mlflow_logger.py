@@ -8,12 +8,29 @@ experiment still holds exactly one run per trial. Metric names never contain '@'
 Each reported checkpoint's per-query eval ranks (``eval_ranks.npz``, written by the training
 loop) are logged as the run's artifact of that name, replaced at every eval, so the run's final
 artifact belongs to its final metrics: the table's bootstrap intervals are computed from it.
+
+A tracking server that goes away loses nothing: every write is queued in order and the queue
+is written as soon as the store answers. Why a queue of our own: MLflow's client retries a
+failed HTTP request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with exponential
+backoff, about 4 minutes), but it does so inside the Tune driver's loop, which then schedules
+nothing for minutes, and once its retries run out the exception ends ``Tuner.fit`` and with it
+the ablation. Here each write is tried once with no client retries and a short timeout; what
+fails stays queued and is retried every ``RETRY_EVERY_S`` while trials go on training. The
+queue is part of the callback's Tune state (``get_state``) and, when the store is still away
+when the ablation ends, of a spool file next to Tune's state, so ``--resume`` writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +47,62 @@ from orchestrator import tracking
 
 # Tune's own bookkeeping keys in a result (ray.tune.result), skipped when logging metrics.
 TUNE_KEYS = frozenset((*AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID))
+RETRY_EVERY_S = 2.0  # between attempts while the store does not answer
+REQUEST_TIMEOUT_S = 10  # one HTTP request; a hung server must not stall Tune's loop long
+FINAL_FLUSH_S = 600.0  # how long the ablation's end waits for a store that is away
+# MLflow error codes that say the request itself is wrong: retrying cannot help.
+PERMANENT_CODES = frozenset(
+    ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE")
+)
+SPOOL_FILE = "pending.json"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _single_attempt() -> Iterator[None]:
+    """MLflow's HTTP client makes one attempt with a short timeout (it reads both variables
+    at every request); the queue does the retrying. No effect on database URIs."""
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
+    }
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_permanent(error: Exception) -> bool:
+    """True when MLflow refused the write itself (bad value, already exists); False for what
+    an outage raises (refused connection, timeout, 5xx, a locked database)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in PERMANENT_CODES
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 class MlflowTrialLogger(Callback):
-    """Params, tags and every reported metric of each trial, plus its final status."""
+    """Params, tags and every reported metric of each trial, plus its final status.
+
+    Contract: every write a trial causes reaches the store in the order it happened, however
+    long the store is away while the ablation runs (and up to ``final_flush_s`` after its
+    last trial); what is still unwritten then is kept in ``spool_dir/pending.json`` and in
+    Tune's state and written by the next run of this callback (``--resume``). No store error
+    reaches Tune, so an outage never ends the ablation.
+    """
 
     def __init__(
         self,
@@ -41,30 +110,66 @@ class MlflowTrialLogger(Callback):
         experiment: str,
         tags: dict[str, str],
         params_of: dict[str, dict[str, Any]],
+        spool_dir: str | Path | None = None,
+        final_flush_s: float = FINAL_FLUSH_S,
     ) -> None:
-        """params_of: pair-set name -> MLflow params shared by its trials (seed is added)."""
+        """params_of: pair-set name -> MLflow params shared by its trials (seed is added).
+        spool_dir: where queued artifacts and the unwritten queue are kept (a temporary
+        folder when None; the ablation passes one beside its Tune state)."""
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.tags = dict(tags)
         self.params_of = params_of
+        self.spool_dir = str(spool_dir) if spool_dir is not None else None
+        self.final_flush_s = final_flush_s
         self._client = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}
         self._parent: str | None = None
+        self._trials: dict[str, dict[str, Any]] = {}  # trial id -> pair_set, seed, baseline
+        self._pending: list[dict[str, Any]] = []  # writes not yet in the store, in order
+        self._seq = 0
+        self._next_try = 0.0
+        self._away_since: float | None = None
+        self.say: Callable[[str], None] = _stderr
 
     # The client is rebuilt after unpickling (Tune stores callbacks with the experiment state).
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None
+        state["say"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.say = _stderr
+
+    # Tune checkpoints this with its experiment state: a driver killed during an outage
+    # leaves its queue there, and the restored callback writes it.
+    def get_state(self) -> dict[str, Any]:
+        return {"pending": list(self._pending), "trials": dict(self._trials), "seq": self._seq}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._merge(state.get("pending", []))
+        self._trials.update(state.get("trials", {}))
+        self._seq = max(self._seq, int(state.get("seq", 0)))
+
+    def _merge(self, ops: list[dict[str, Any]]) -> None:
+        """Add ``ops`` not already queued (by sequence number), keeping the order."""
+        known = {op["seq"] for op in self._pending}
+        self._pending = sorted(
+            [*self._pending, *(op for op in ops if op["seq"] not in known)],
+            key=lambda op: op["seq"],
+        )
 
     @property
     def client(self):
         if self._client is None:
+            # The client only once the experiment is known: a store away at this moment
+            # raises here, and the next attempt asks again.
+            experiment_id = tracking.get_or_create_experiment(self.tracking_uri, self.experiment)
+            self._experiment_id = experiment_id
             self._client = tracking.client(self.tracking_uri)
-            self._experiment_id = tracking.get_or_create_experiment(
-                self.tracking_uri, self.experiment
-            )
         return self._client
 
     def _parent_run_id(self) -> str:
@@ -73,50 +178,152 @@ class MlflowTrialLogger(Callback):
             self._parent = tracking.summary_run_id(self.tracking_uri, self.experiment)
         return self._parent
 
-    def _run_id(self, trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
+    def _run_id(self, trial_id: str) -> str:
+        if trial_id in self._runs:
+            return self._runs[trial_id]
         client = self.client
         existing = client.search_runs(
             [self._experiment_id],
-            filter_string=f"tags.`conaclip.trial_id` = '{trial.trial_id}'",
+            filter_string=f"tags.`conaclip.trial_id` = '{trial_id}'",
             max_results=1,
         )
         if existing:
             run_id = existing[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
         else:
-            config = trial.config
-            pair_set = config["pair_set"]
+            info = self._trials[trial_id]
+            pair_set = info["pair_set"]
             tags = {
                 **self.tags,
                 tracking.PARENT_TAG: self._parent_run_id(),
-                "conaclip.trial_id": trial.trial_id,
+                "conaclip.trial_id": trial_id,
                 "conaclip.pair_set": pair_set,
-                "conaclip.baseline": str(pair_set == config.get("baseline")).lower(),
+                "conaclip.baseline": str(pair_set == info.get("baseline")).lower(),
                 "conaclip.status": "RUNNING",
             }
             run = client.create_run(
-                self._experiment_id, run_name=f"{pair_set} seed{config['seed']}", tags=tags
+                self._experiment_id, run_name=f"{pair_set} seed{info['seed']}", tags=tags
             )
             run_id = run.info.run_id
-            params = {**self.params_of[pair_set], "seed": config["seed"]}
+            params = {**self.params_of[pair_set], "seed": info["seed"]}
             for key, value in params.items():
                 client.log_param(run_id, key, value)
-        self._runs[trial.trial_id] = run_id
+        self._runs[trial_id] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_id(trial)
+    # -- the queue ---------------------------------------------------------------------------
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+    def _enqueue(self, op: dict[str, Any]) -> None:
+        self._seq += 1
+        self._pending.append({**op, "seq": self._seq})
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Write queued operations in order until one fails; True when none is left.
+        Between failed attempts it waits ``RETRY_EVERY_S`` unless ``force``."""
+        if not self._pending:
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        with _single_attempt():
+            while self._pending:
+                op = self._pending[0]
+                try:
+                    self._apply(op)
+                except Exception as error:  # any store error; sorted below
+                    if is_permanent(error):
+                        self.say(f"MLflow refused {op['op']} of trial {op['trial']}: "
+                                 f"{_reason(error)}; dropped")  # fmt: skip
+                        self._pending.pop(0)
+                        continue
+                    self._note_away(error)
+                    return False
+                self._pending.pop(0)
+        if self._away_since is not None:
+            self.say(f"MLflow at {self.tracking_uri} answers again after "
+                     f"{time.monotonic() - self._away_since:.0f} s; every held update is "
+                     "written")  # fmt: skip
+            self._away_since = None
+        return True
+
+    def _note_away(self, error: Exception) -> None:
+        self._next_try = time.monotonic() + RETRY_EVERY_S
+        if self._away_since is None:
+            self._away_since = time.monotonic()
+            self.say(f"MLflow at {self.tracking_uri} does not answer ({_reason(error)}); "
+                     f"holding {len(self._pending)} update(s) and retrying every "
+                     f"{RETRY_EVERY_S:.0f} s while trials go on")  # fmt: skip
+
+    def _apply(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._run_id(trial)
+        run_id = self._run_id(op["trial"])
+        client = self.client
+        kind = op["op"]
+        if kind == "start":
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "conaclip.status", "RUNNING")
+        elif kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
+            client.log_batch(run_id, metrics=metrics)
+        elif kind == "artifact":
+            if Path(op["path"]).is_file():
+                client.log_artifact(run_id, op["path"])
+        elif kind == "finish":
+            client.set_tag(run_id, "conaclip.status", op["status"])
+            if op.get("error"):
+                client.set_tag(run_id, "conaclip.error", op["error"][:4000])
+            elif "conaclip.error" in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, "conaclip.error")  # an earlier failure, now retried
+            client.set_terminated(run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown queued operation {kind!r}")
+
+    def _spool(self) -> Path:
+        if self.spool_dir is None:
+            self.spool_dir = tempfile.mkdtemp(prefix="conaclip-mlflow-spool-")
+        path = Path(self.spool_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _keep_artifact(self, trial_id: str, source: Path) -> str:
+        """A copy of ``source`` that outlives the checkpoint holding it (Train keeps only the
+        newest two), so a queued upload still finds its file after a long outage."""
+        target = self._spool() / trial_id / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return str(target)
+
+    # -- Tune's hooks ------------------------------------------------------------------------
+
+    def setup(self, **info) -> None:
+        """Picks up the queue an earlier run of this ablation could not write."""
+        if self.spool_dir is None:
+            return
+        spooled = Path(self.spool_dir) / SPOOL_FILE
+        if spooled.is_file():
+            state = json.loads(spooled.read_text())
+            self.set_state(state)
+            spooled.unlink()
+            self.say(f"MLflow: writing {len(self._pending)} update(s) held from an earlier run")
+            self.flush(force=True)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        self.flush()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        config = trial.config
+        self._trials[trial.trial_id] = {
+            "pair_set": config["pair_set"],
+            "seed": config["seed"],
+            "baseline": config.get("baseline"),
+        }
+        self._enqueue({"op": "start", "trial": trial.trial_id})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("step", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [
-            Metric(key.replace("@", "_at_"), float(value), now, step)
+            (key.replace("@", "_at_"), float(value), now, step)
             for key, value in result.items()
             if key not in TUNE_KEYS
             and isinstance(value, int | float)
@@ -124,10 +331,10 @@ class MlflowTrialLogger(Callback):
             and math.isfinite(float(value))
         ]
         if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
-        self._log_ranks(run_id, result.get("checkpoint_path"))
+            self._enqueue({"op": "metrics", "trial": trial.trial_id, "metrics": metrics})
+        self._log_ranks(trial.trial_id, result.get("checkpoint_path"))
 
-    def _log_ranks(self, run_id: str, checkpoint_path: Any) -> None:
+    def _log_ranks(self, trial_id: str, checkpoint_path: Any) -> None:
         from trainers.distill import RANKS_FILE
 
         if not checkpoint_path:
@@ -136,19 +343,32 @@ class MlflowTrialLogger(Callback):
         # a URI storage would need its filesystem, and then the ranks are simply not logged.
         ranks = Path(str(checkpoint_path)) / RANKS_FILE
         if ranks.is_file():
-            self.client.log_artifact(run_id, str(ranks))
-
-    def _finish(self, trial, status: str, error: str | None = None) -> None:
-        run_id = self._run_id(trial)
-        client = self.client
-        client.set_tag(run_id, "conaclip.status", status)
-        if error:
-            client.set_tag(run_id, "conaclip.error", error[:4000])
-        client.set_terminated(run_id, status=status)
+            kept = self._keep_artifact(trial_id, ranks)
+            self._enqueue({"op": "artifact", "trial": trial_id, "path": kept})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "FINISHED")
+        self._enqueue({"op": "finish", "trial": trial.trial_id, "status": "FINISHED"})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        from orchestrator.trial import trial_error_reason
+
         where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
-        self._finish(trial, "FAILED", error=f"see {where}")
+        reason = trial_error_reason(trial)
+        error = f"{reason} (details: {where})" if reason else f"see {where}"
+        info = self._trials.get(trial.trial_id, {})
+        # The one line an operator needs, printed when it happens, not only at the end.
+        self.say(f"trial {info.get('pair_set', trial.trial_id)} seed {info.get('seed', '?')} "
+                 f"FAILED: {error}")  # fmt: skip
+        self._enqueue({"op": "finish", "trial": trial.trial_id, "status": "FAILED", "error": error})
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Waits up to ``final_flush_s`` for the store; spools what it could not write."""
+        deadline = time.monotonic() + self.final_flush_s
+        while not self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(RETRY_EVERY_S)
+        if self._pending:
+            spooled = self._spool() / SPOOL_FILE
+            spooled.write_text(json.dumps(self.get_state()))
+            self.say(f"MLflow at {self.tracking_uri} still does not answer after "
+                     f"{self.final_flush_s:.0f} s: {len(self._pending)} update(s) kept in "
+                     f"{spooled}; `conaclip ablate --resume` writes them")  # fmt: skip

@@ -4,6 +4,7 @@ the body of a Ray Tune function trainable (the Ray 2.x way to run Train inside T
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,16 @@ from trainers.run_config import DistillConfig
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = 0.25
 
+# How long one attempt to get a worker group's placement group may wait before Ray Train gives
+# up on it and its controller tries again (Ray's default is 60 s). Ray Train's controller
+# retries such startup timeouts without limit by default (FailureConfig's
+# controller_failure_limit = -1): a trial whose resources never free up waits forever and
+# prints nothing. ScalingSpec.start_timeout_s bounds the attempts together instead.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_ATTEMPT_S = 60.0
+# A value the user set when this process started (the cluster's environment) wins.
+_USER_START_ATTEMPT_S = os.environ.get(START_TIMEOUT_ENV)
+
 PROGRESS_KEYS = ("step", "loss", "rsum", "t2i_R1", "i2t_R1", "samples_per_s", "skipped_samples")
 
 
@@ -34,6 +45,17 @@ class ScalingSpec(BaseModel):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     max_failures: int = Field(default=1, ge=-1, description="worker-group restarts; -1 = always")
+    start_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest a trial waits for its workers' resources before it fails",
+    )
+
+    def start_attempts(self) -> tuple[float, int]:
+        """(seconds one placement-group attempt waits, attempts): together about
+        ``start_timeout_s``, each at most Ray's own 60 s so that a freed cluster is noticed."""
+        attempt = float(_USER_START_ATTEMPT_S or min(self.start_timeout_s, START_ATTEMPT_S))
+        return attempt, max(1, math.ceil(self.start_timeout_s / attempt - 1e-9))
 
     def resources_per_worker(self) -> dict[str, float]:
         resources = {"CPU": self.cpus_per_worker}
@@ -103,6 +125,10 @@ def make_torch_trainer(
 
     # Read by fit() in this process and passed on to the controller; a user's value wins.
     os.environ.setdefault(HEALTH_CHECK_ENV, str(HEALTH_CHECK_INTERVAL_S))
+    # Set (not setdefault): one trial actor runs trial after trial, and this trial's bound
+    # is what counts; Ray Train passes the variable on to the controller it starts.
+    attempt_s, attempts = scaling.start_attempts()
+    os.environ[START_TIMEOUT_ENV] = str(attempt_s)
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))
@@ -117,7 +143,11 @@ def make_torch_trainer(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(Path(storage_path).resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=scaling.max_failures,
+                # Only worker-group startup failures count here (see START_TIMEOUT_ENV).
+                controller_failure_limit=attempts - 1,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=all_callbacks,
         ),
@@ -137,6 +167,172 @@ def fit_or_raise(trainer) -> Any:
         raise
 
 
+class TrialFailed(Exception):
+    """A trial's Train run failed; the message is one line saying why (see failure_line)."""
+
+
+def _resources_text(resources: dict[str, float], always: tuple[str, ...] = ()) -> str:
+    """``CPU 2, memory 10.4 GiB``; zeros left out except for the keys in ``always``."""
+    # Ray also lists each placement group's share (CPU_group_<id>) and node markers: noise here.
+    shown = {
+        k: v
+        for k, v in {**dict.fromkeys(always, 0.0), **resources}.items()
+        if (v or k in always) and not k.startswith(("node:", "bundle_")) and "_group_" not in k
+    }
+    # Memory resources are bytes; GiB reads at a glance.
+    return ", ".join(
+        f"{k} {v / 2**30:.1f} GiB" if k in ("memory", "object_store_memory") else f"{k} {v:g}"
+        for k, v in sorted(shown.items())
+    )
+
+
+def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def resources_line(scaling: ScalingSpec) -> str:
+    """What a trial asked for, what the cluster has, and what holds it, in one line: the
+    placement groups that reserve resources (by name, else id) and what tasks and actors
+    outside placement groups use. Read from the GCS (no dashboard needed)."""
+    import ray
+    from ray.util import placement_group_table
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    per_worker = scaling.resources_per_worker()
+    asked = _resources_text(per_worker)
+    holders, reserved, waiting = [], [], 0
+    for pg_id, pg in placement_group_table().items():
+        bundles = list((pg.get("bundles") or {}).values())
+        # Only groups holding what the trial asks for (Tune's own per-trial groups hold
+        # nothing but a token of memory).
+        if not any(_sum(bundles).get(key) for key in scaling.resources_per_worker()):
+            continue
+        if pg.get("state") == "CREATED":
+            reserved.extend(bundles)
+            holders.append(f"placement group {pg.get('name') or pg_id[:12]} "
+                           f"({_resources_text(_sum(bundles))})")  # fmt: skip
+        elif pg.get("state") in ("PENDING", "RESCHEDULING"):
+            waiting += 1
+    in_groups = _sum(reserved)
+    outside = {
+        key: total.get(key, 0.0) - free.get(key, 0.0) - in_groups.get(key, 0.0)
+        for key in scaling.resources_per_worker()
+    }
+    if any(v > 1e-9 for v in outside.values()):
+        holders.append(f"tasks and actors outside placement groups ({_resources_text(outside)})")
+    held = "; ".join(holders) or "nothing (the cluster is smaller than the request)"
+    also = f"; {waiting} placement group(s) waiting" if waiting else ""
+    return (
+        f"asked for {scaling.num_workers} worker(s) x {{{asked}}}; the cluster has "
+        f"{{{_resources_text(total)}}} with {{{_resources_text(free, tuple(per_worker))}}} "
+        f"free; held by {held}"
+        f"{also}"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def memory_cause(text: str) -> str | None:
+    """What Ray's error text says about memory: its memory monitor killed the process
+    (OutOfMemoryError, "running low on memory"), or the process died unexpectedly, for which
+    Ray names the kernel's OOM killer as the first common cause; None otherwise."""
+    lowered = text.lower()
+    if "outofmemoryerror" in lowered or "low on memory" in lowered:
+        return "out of memory (killed by Ray's memory monitor)"
+    if "oom killer" in lowered:
+        return (
+            "likely out of memory (the process died unexpectedly, for which Ray names the "
+            "kernel's OOM killer as the first common cause)"
+        )
+    return None
+
+
+def _memory_detail(text: str) -> str:
+    """The sentence of Ray's message that says how much memory was in use or how the
+    process exited, else its start."""
+    sentences = " ".join(text.split()).split(". ")
+    for key in ("memory on the node", "exit detail", "exit type"):
+        for sentence in sentences:
+            if key in sentence.lower():
+                return sentence[:300]
+    return " ".join(text.split())[:300]
+
+
+def failure_line(error: BaseException, scaling: ScalingSpec) -> str:
+    """One line for a failed ``TorchTrainer.fit``: resources not had within the bound (with
+    ``resources_line``), a worker killed for memory, or the first line of the error."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import (
+        InsufficientClusterResourcesError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    if isinstance(error, ControllerError):
+        cause = error.controller_failure
+        if isinstance(cause, WorkerGroupStartupTimeoutError):
+            return (f"no resources within {scaling.start_timeout_s:g} s (start_timeout_s): "
+                    f"{resources_line(scaling)}")  # fmt: skip
+        if isinstance(cause, InsufficientClusterResourcesError):
+            return f"the cluster can never hold this trial: {resources_line(scaling)}"
+        memory = memory_cause(f"{type(cause).__name__}: {cause}")
+        if memory:  # a worker killed while its group started
+            return f"{memory}: {type(cause).__name__}: {_memory_detail(str(cause))}"
+        return f"{type(cause).__name__}: {_first_line(cause)}"
+    if isinstance(error, WorkerGroupError):
+        for rank, failure in sorted(error.worker_failures.items()):
+            cause = memory_cause(f"{type(failure).__name__}: {failure}")
+            if cause:
+                return f"{cause}: worker rank {rank}: {_memory_detail(str(failure))}"
+        rank, failure = min(error.worker_failures.items(), key=lambda item: item[0])
+        return f"worker rank {rank}: {type(failure).__name__}: {_first_line(failure)}"
+    cause = memory_cause(f"{type(error).__name__}: {error}")
+    if cause:
+        return f"{cause}: {_memory_detail(str(error))}"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def error_reason(error: BaseException | None) -> str | None:
+    """One line for a trial's error as Tune hands it over (a RayTaskError around the trial's
+    own exception, or a RayActorError when the trial actor itself died)."""
+    if error is None:
+        return None
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, TrialFailed):
+        return str(cause)
+    memory = memory_cause(f"{type(cause).__name__}: {cause}")
+    if memory:
+        return f"{memory}: the trial's own actor died ({_memory_detail(str(cause))})"
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
+def trial_error_reason(trial) -> str | None:
+    """``error_reason`` of a Tune trial's error, read from the driver's own copy (Tune writes
+    it there before ``on_trial_error``; the copy in storage follows later); the last line of
+    the error text when the pickle cannot be read; None when there is neither."""
+    import cloudpickle
+
+    pickled = getattr(trial, "pickled_error_file", None)
+    if pickled and Path(pickled).is_file():
+        try:
+            return error_reason(cloudpickle.loads(Path(pickled).read_bytes()))
+        except Exception:  # an error class this process cannot load: use the text
+            pass
+    text_file = getattr(trial, "error_file", None)
+    if text_file and Path(text_file).is_file():
+        lines = [line.strip() for line in Path(text_file).read_text().splitlines()]
+        lines = [line for line in lines if line]
+        if lines:
+            return lines[-1].removeprefix(f"{TrialFailed.__module__}.{TrialFailed.__name__}: ")
+    return None
+
+
 def distill_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one (pair set, seed) as one TorchTrainer run.
 
@@ -144,7 +340,10 @@ def distill_trial(config: dict[str, Any]) -> None:
     ``pair_sets`` (name -> pair dicts), ``run`` (the DistillConfig template), ``scaling``,
     ``train_storage``. The Train run is named after the Tune trial id, which survives
     ``Tuner.restore``: a restored trial finds its Train run's checkpoints and resumes there.
+    A failed Train run raises TrialFailed with one line saying why (``failure_line``),
+    which is printed here and becomes the trial's error in Tune and MLflow.
     """
+    import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -154,12 +353,19 @@ def distill_trial(config: dict[str, Any]) -> None:
     run = {**config["run"], "pairs": config["pair_sets"][config["pair_set"]]}
     run["seed"] = config["seed"]
     cfg = load_distill_config(run, source=f"trial {config['pair_set']} seed {config['seed']}")
+    scaling = ScalingSpec(**config["scaling"])
     trainer = make_torch_trainer(
         cfg,
-        ScalingSpec(**config["scaling"]),
+        scaling,
         run_name=f"trial-{trial_id}",
         storage_path=config["train_storage"],
         callbacks=[TuneReportCallback()],
         progress=False,
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        line = failure_line(error, scaling)
+        print(f"conaclip: trial {config['pair_set']} seed {config['seed']} failed: {line}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise TrialFailed(line) from None
