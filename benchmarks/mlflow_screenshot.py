@@ -56,6 +56,7 @@ def main() -> None:
         sys.exit(f"{database}: no MLflow store (run the ablation first)")
     uri = f"sqlite:///{database}"
     experiment = tracking.find_experiment(uri, args.experiment)
+    tracking.set_runs_view(uri, experiment.experiment_id)  # as `conaclip ui` does
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,

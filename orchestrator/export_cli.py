@@ -36,6 +36,7 @@ def _ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI on {base} (Ctrl-C to stop)", flush=True)
     with contextlib.suppress(InputError):  # a store with no ablation yet: the home page
         experiment = tracking.find_experiment(uri)
+        tracking.set_runs_view(uri, experiment.experiment_id)  # ablations made before it
         print(
             f"runs of {experiment.name}: {mlflow_ui.runs_page_url(base, experiment.experiment_id)}"
         )

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from orchestrator.tracking import RUNS_VIEW_KEY
+
 
 def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
     """``mlflow server`` on ``tracking_uri`` bound to ``host:port``, run by this interpreter
@@ -21,10 +23,15 @@ def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
 
 
 def runs_page_url(base: str, experiment_id: str) -> str:
-    """The UI page listing an experiment's runs. MLflow 3's UI opens every experiment in its
-    GenAI view (traces) unless told ``workflowType=machine_learning``, and remembers the
-    choice in the browser; the experiment's kind tag alone does not switch it."""
-    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    """The UI page listing an experiment's runs, in the view ``tracking.set_runs_view`` stored
+    on it (pair set, seed and recall columns, best rsum first). MLflow 3's UI opens every
+    experiment in its GenAI view (traces) unless told ``workflowType=machine_learning``, and
+    remembers the choice in the browser; the experiment's kind tag alone does not switch it.
+    The share key is read on the ``/runs`` page only (a bare experiment link drops it)."""
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={RUNS_VIEW_KEY}"
+    )
 
 
 def serve_until_signalled(command: list[str], grace_s: float = 10.0) -> int:

@@ -12,6 +12,7 @@ experiment per ablation): params ``pairs`` (``PairSet.key()``), ``pair_set``, ``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 SUMMARY_TAG = "conaclip.summary"
 # MLflow 3 opens an experiment on its GenAI overview unless told it holds training runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A view of the runs page stored on the experiment: MLflow's UI loads a shared view from the
+# experiment tag mlflow.sharedViewState.<key> when its URL carries viewStateShareKey=<key>
+# (what its "Share" button writes). Without it the runs page shows no metric column at all.
+RUNS_VIEW_KEY = "conaclip-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_PARAMS = ("pair_set", "seed")
+RUNS_VIEW_METRICS = ("rsum", "t2i_R1", "i2t_R1", "mean_recall")
 NOTE_TAG = "mlflow.note.content"  # the description the UI shows on the experiment page
 PARENT_TAG = "mlflow.parentRunId"  # nests a trial's run under the ablation's run
 # Per-query eval ranks a trial logs at its final evaluation (see read_eval_ranks).
@@ -143,7 +151,28 @@ def get_or_create_experiment(
         )
     if description:
         mlflow_client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+    set_runs_view(tracking_uri, experiment_id)
     return experiment_id
+
+
+def runs_view_state(metric: str = "rsum") -> dict[str, Any]:
+    """The runs page as conaclip users read it: pair set, seed and the recall metrics as
+    columns, best ``metric`` first. Column keys are the UI's own (``metrics.`rsum```)."""
+    columns = [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
+    columns += [f"metrics.`{m}`" for m in dict.fromkeys((metric, *RUNS_VIEW_METRICS))]
+    return {
+        "selectedColumns": columns,
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": False,
+    }
+
+
+def set_runs_view(tracking_uri: str, experiment_id: str, metric: str = "rsum") -> None:
+    """Store ``runs_view_state`` on the experiment (tag ``RUNS_VIEW_TAG``), which the link of
+    ``orchestrator.mlflow_ui.runs_page_url`` opens."""
+    client(tracking_uri).set_experiment_tag(
+        experiment_id, RUNS_VIEW_TAG, json.dumps(runs_view_state(metric))
+    )
 
 
 def _is_conaclip(mlflow_client: MlflowClient, experiment_id: str) -> bool:

@@ -140,9 +140,18 @@ def check_mlflow_as_users_see_it(out: Path, experiment: str, n_trials: int) -> N
         # overview, and the page it names is served.
         experiment_id = found["experiment"]["experiment_id"]
         assert printed.read_text().splitlines()[1] == (
-            f"runs of {experiment}: http://127.0.0.1:{port}/#/experiments/{experiment_id}"
-            "?workflowType=machine_learning"
+            f"runs of {experiment}: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning&viewStateShareKey=conaclip-runs"
         )
+        # ... in the view stored on the experiment, which the UI reads through the same API:
+        # pair set, seed and the recall metrics as columns, best rsum first.
+        view = json.loads(tags["mlflow.sharedViewState.conaclip-runs"])
+        assert view == {
+            "selectedColumns": ["params.`pair_set`", "params.`seed`", "metrics.`rsum`",
+                                "metrics.`t2i_R1`", "metrics.`i2t_R1`", "metrics.`mean_recall`"],
+            "orderByKey": "metrics.`rsum`",
+            "orderByAsc": False,
+        }  # fmt: skip
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read(2000).lower()
     finally:
