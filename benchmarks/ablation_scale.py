@@ -148,8 +148,8 @@ def _run(args: argparse.Namespace) -> None:
     from orchestrator.ablate_cli import add_ablation_flags, build_spec
     from orchestrator.ablation import run_ablation
     from orchestrator.assets import resolve_run
+    from orchestrator.cli_flags import workspace_of
     from orchestrator.ray_cluster import start_local_cluster
-    from orchestrator.train_cli import workspace_of
     from trainers.teacher_cache import build_teacher_cache
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -173,14 +173,15 @@ def _run(args: argparse.Namespace) -> None:
         stack.callback(ray.shutdown)
         timings["cluster_start_s"] = time.time() - started
         # Data and the teacher are one-time assets (real users bring their own teacher).
-        run = resolve_run(spec.run, workspace_of(argparse.Namespace(home=None)), False)
+        workspace = workspace_of(argparse.Namespace(home=None))
+        run = resolve_run(spec.run, workspace, False, needs_teacher=spec.needs_teacher)
         phase = time.time()
         if args.fresh_cache:
             cache = work / "teacher-cache"
             build_teacher_cache(run.teacher, run.teacher_checkpoint, run.train_shards, cache)
             run = run.model_copy(update={"teacher_cache": str(cache)})
         else:
-            run = resolve_run(run, workspace_of(argparse.Namespace(home=None)), use_cache)
+            run = resolve_run(run, workspace, use_cache, needs_teacher=spec.needs_teacher)
         timings["teacher_cache_s"] = time.time() - phase
         spec = spec.model_copy(update={"run": run})
         tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)

@@ -109,10 +109,9 @@ def main() -> None:
 
     from orchestrator import tracking
     from orchestrator.ablate_cli import add_ablation_flags, build_spec
-    from orchestrator.ablation import run_ablation
-    from orchestrator.assets import resolve_run
+    from orchestrator.ablation import resolve_spec, run_ablation
+    from orchestrator.cli_flags import workspace_of
     from orchestrator.ray_cluster import start_local_cluster
-    from orchestrator.train_cli import workspace_of
 
     work = Path(tempfile.mkdtemp(prefix="conaclip-startup-"))
     cli = argparse.ArgumentParser()
@@ -126,8 +125,7 @@ def main() -> None:
     spec = spec.model_copy(update={"trials": spec.trial_list()[: args.trials]})
     start_local_cluster(num_cpus=2, log_to_driver=False)
     try:
-        run = resolve_run(spec.run, workspace_of(argparse.Namespace(home=None)), use_cache)
-        spec = spec.model_copy(update={"run": run})
+        spec = resolve_spec(spec, workspace_of(argparse.Namespace(home=None)), use_cache)
         tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)
         timeline = timeline_callback()
         started = time.time()

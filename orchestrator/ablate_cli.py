@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import reports, tracking
 from orchestrator.ablation import (
     AblationOutcome,
     AblationSpec,
@@ -20,19 +20,19 @@ from orchestrator.ablation import (
     default_name,
     expand_trials,
     load_spec,
-    pair_sets_payload,
+    outcome_summary,
+    pair_sets_by_name,
+    resolve_spec,
     resume_ablation,
     run_ablation,
     run_greedy,
 )
-from orchestrator.assets import resolve_run
+from orchestrator.cli_flags import DEFAULT_ABLATION_OUT, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
 from orchestrator.run_lock import exclusive_ablation
-from orchestrator.train_cli import add_shared_flags, run_flags, workspace_of
 from trainers.errors import InputError
 
-DEFAULT_OUT = Path("runs/ablate")
 RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
 RACE_MAX_SEEDS = 5
 
@@ -82,7 +82,7 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     settings = build_settings(
         {**preset_settings, **file_values}, flags, source=args.config or "command line"
     )
-    out = Path(args.out or DEFAULT_OUT).resolve()
+    out = Path(args.out or DEFAULT_ABLATION_OUT).resolve()
     uri = args.tracking_uri or tracking.default_tracking_uri(out)
     race = _race_settings(args, preset, baseline)
     seeds = race.start_seeds if race else (args.seeds if args.seeds is not None else 1)
@@ -90,10 +90,10 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
         name=args.name or default_name(preset),
         preset=preset,
         kind=kind,
-        pair_sets=pair_sets_payload(pair_sets),
+        pair_sets=pair_sets_by_name(pair_sets),
         baseline=baseline,
         seeds=list(range(seeds)),
-        run=settings.run.model_copy(update={"pairs": _template_pairs(pair_sets)}),
+        run=settings.run,
         scaling=settings.scaling,
         scheduler=args.scheduler,
         grace_period=_grace_period(args),
@@ -147,17 +147,6 @@ def _race_settings(
     return RaceSettings(start_seeds=start, max_seeds=maximum, metric="rsum")
 
 
-def _template_pairs(pair_sets):
-    """Pairs of the run template: a set that needs the teacher when any does, so the teacher
-    and its cache are prepared once in the driver for every trial."""
-    from trainers.run_config import DistillConfig
-
-    for pair_set in pair_sets:
-        if DistillConfig(pairs=list(pair_set.pairs)).needs_teacher:
-            return list(pair_set.pairs)
-    return list(pair_sets[0].pairs)
-
-
 def print_trials(spec: AblationSpec) -> None:
     """The trials exactly as Tune expands them, with their trial-steps; for a race, round 1."""
     if spec.race is not None and spec.trials is None:
@@ -192,19 +181,19 @@ def print_race_plan(spec: AblationSpec) -> None:
 
 
 def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
-    finished = len(outcome.trials) - len(outcome.failed)
-    print(f"ablation {spec.name}: {finished}/{len(outcome.trials)} trials finished; "
-          f"MLflow: {spec.tracking_uri} (experiment {spec.name})")  # fmt: skip
-    for trial in outcome.failed:
-        print(f"FAILED {trial.pair_set} seed {trial.seed}: {trial.error}", file=sys.stderr)
-    return 1 if outcome.failed else 0
+    """Print the outcome (failed trials to stderr); 1 when a trial failed, else 0."""
+    summary, failures = outcome_summary(outcome, spec)
+    print(summary)
+    for line in failures:
+        print(line, file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _resume_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool, bool]:
     """(spec, use teacher cache, already resolved) for --resume: the spec saved under
     <out>/tune/, else (that folder gone) the one the flags describe, which --name must name."""
     try:
-        spec = load_spec(args.out or DEFAULT_OUT, args.name)
+        spec = load_spec(args.out or DEFAULT_ABLATION_OUT, args.name)
     except InputError as missing:
         if args.name is None:
             raise InputError(
@@ -224,10 +213,10 @@ def _resume_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool, bool]:
         return spec, use_cache, False
     if spec.race is not None and spec.round is not None:
         # The newest spec was one of a race's rounds: resume the race, not that round.
-        spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
+        spec = load_spec(args.out or DEFAULT_ABLATION_OUT, spec.experiment_name)
     if spec.round is None and re.fullmatch(r".+-resume\d+", spec.name):
         # The newest spec was an earlier resume's re-run: resume the ablation it belongs to.
-        spec = load_spec(args.out or DEFAULT_OUT, spec.experiment_name)
+        spec = load_spec(args.out or DEFAULT_ABLATION_OUT, spec.experiment_name)
     return spec, True, True
 
 
@@ -256,17 +245,15 @@ def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved
     # Tune's status table is the progress; per-worker logs would drown it.
     init_ray(args.address, log_to_driver=False)
     if not resolved:
-        spec = spec.model_copy(update={"run": resolve_run(spec.run, workspace_of(args), use_cache)})
+        spec = resolve_spec(spec, workspace_of(args), use_cache)
     if spec.race is not None:
         return _race(spec)
     if spec.kind == "greedy" and not args.resume:
-        from search_spaces.presets import PairSet, baseline_pair_set
-        from trainers.run_config import PairConfig
+        from search_spaces.presets import baseline_pair_set
 
         start = baseline_pair_set()
         if spec.baseline is not None:  # a greedy preset file starts from its own baseline
-            pairs = tuple(PairConfig.model_validate(p) for p in spec.pair_sets[spec.baseline])
-            start = PairSet(spec.baseline, pairs)
+            start = spec.pair_set(spec.baseline)
         _say(f"greedy ablation {spec.name}: round 1 has {spec.trial_count} trials")
         outcome = run_greedy(spec, start)
         code = summarize(outcome, spec)
@@ -403,8 +390,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator import report_cli
-
     started = time.time()
     parser = argparse.ArgumentParser()
     add_ablation_flags(parser)
@@ -422,27 +407,25 @@ def _demo(args: argparse.Namespace) -> int:
         description=describe(spec, getattr(args, "argv", None) or ["demo"]),
     )
     init_ray(None, log_to_driver=False)
-    resolved = resolve_run(spec.run, workspace_of(ablate_args), use_cache)
-    spec = spec.model_copy(update={"run": resolved})
+    spec = resolve_spec(spec, workspace_of(ablate_args), use_cache)
     _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")
     code = summarize(run_ablation(spec), spec)
     out = Path(args.out)
-    report_parser = argparse.ArgumentParser()
-    report_cli.add_source_flags(report_parser)
-    source = vars(report_parser.parse_args(
-        ["--experiment", spec.name, "--tracking-uri", spec.tracking_uri, "--out", str(out)]
-    ))  # fmt: skip
-    print()
-    report_cli._table(argparse.Namespace(**source, format="md"))
-    print()
-    report_cli._best(argparse.Namespace(**source, verify=False))
-    reports = out / "reports" / spec.name
+    source = reports.ReportSource(out, spec.name, spec.tracking_uri)
+    options = reports.TableOptions()
+    for make_report in (reports.table_report, reports.best_report):
+        report = make_report(source, options)
+        print()
+        sys.stdout.write(report.text)
+        for note in report.notes:
+            _say(note)
+    folder = reports.report_dir(out, spec.name)
     conaclip = command_prefix()
     in_repo = Path("Makefile").is_file() and Path(args.out) == Path("runs/demo")
     ui = "make ui" if in_repo else f"{conaclip} ui --out {out}"
     print(f"\ndemo finished in {time.time() - started:.0f} s")
-    print(f"table:   {reports / 'table.md'}")
-    print(f"heatmap: {reports / 'heatmap.png'}")
+    print(f"table:   {folder / 'table.md'}")
+    print(f"heatmap: {folder / 'heatmap.png'}")
     print(f"MLflow:  {spec.tracking_uri}")
     print("next:")
     print(f"  {ui:<58} # the MLflow UI on these runs, http://127.0.0.1:5000")

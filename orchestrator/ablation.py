@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator.config import Workspace
+from orchestrator.run_params import trial_params
 from orchestrator.trial import ScalingSpec, distill_trial
-from search_spaces.presets import PairSet, pair_text
+from search_spaces.presets import PairSet, check_unique_sets
 from trainers.errors import InputError
-from trainers.run_config import DistillConfig
+from trainers.run_config import DistillConfig, PairConfig
 
 Scheduler = Literal["fifo", "asha"]
 TRIAL_DRIVER_MEMORY = 64 * 1024 * 1024  # bytes of Ray's logical memory resource
@@ -62,10 +64,14 @@ class AblationSpec(BaseModel):
     kind: Literal["grid", "greedy"] = Field(
         default="grid", description="greedy: forward-selection rounds from the preset's sets"
     )
-    pair_sets: dict[str, list[dict[str, Any]]]  # name -> PairConfig dicts, in sweep order
+    pair_sets: dict[str, tuple[PairConfig, ...]] = Field(
+        description="name -> the pairs of that set, in sweep order (see pair_sets_by_name)"
+    )
     baseline: str | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])
-    run: DistillConfig
+    run: DistillConfig = Field(
+        description="what every trial shares; each trial trains its own pair set's pairs"
+    )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     scheduler: Scheduler = "fifo"
     grace_period: int | None = Field(
@@ -98,12 +104,35 @@ class AblationSpec(BaseModel):
     def train_storage(self) -> Path:
         return Path(self.out_dir).resolve() / "train_runs"
 
+    @field_validator("pair_sets")
+    @classmethod
+    def _valid_pair_sets(
+        cls, value: dict[str, tuple[PairConfig, ...]]
+    ) -> dict[str, tuple[PairConfig, ...]]:
+        # The same rules as a preset's sets, so a spec built in code (verify, greedy rounds)
+        # or read back from its JSON file holds only what a preset could hold.
+        return pair_sets_by_name([PairSet(name, pairs) for name, pairs in value.items()])
+
     @model_validator(mode="after")
     def _trials_name_pair_sets(self) -> AblationSpec:
         unknown = sorted({name for name, _ in self.trials or () if name not in self.pair_sets})
         if unknown:
             raise ValueError(f"trials name pair sets the spec lacks: {', '.join(unknown)}")
         return self
+
+    def pair_set(self, name: str) -> PairSet:
+        return PairSet(name, self.pair_sets[name])
+
+    def pair_keys(self) -> dict[str, str]:
+        """Pair-set name -> ``PairSet.key()``: what a FINISHED run of that name must have
+        been trained with to count as done in the MLflow ledger."""
+        return {name: self.pair_set(name).key() for name in self.pair_sets}
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any pair set reads the teacher: then the driver prepares the teacher and
+        its cache once, before the trials."""
+        return any(pair.needs_teacher for pairs in self.pair_sets.values() for pair in pairs)
 
     @property
     def trial_count(self) -> int:
@@ -122,12 +151,21 @@ def default_name(preset: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', preset)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def pair_sets_payload(pair_sets: list[PairSet]) -> dict[str, list[dict[str, Any]]]:
-    names = [ps.name for ps in pair_sets]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(f"pair sets: each name must be unique, repeated: {', '.join(duplicates)}")
-    return {ps.name: [p.model_dump(mode="json") for p in ps.pairs] for ps in pair_sets}
+def pair_sets_by_name(pair_sets: list[PairSet]) -> dict[str, tuple[PairConfig, ...]]:
+    """``AblationSpec.pair_sets`` of ``pair_sets``, in their order; InputError when two share
+    a name or their pairs (``check_unique_sets``)."""
+    check_unique_sets(pair_sets, "pair sets")
+    return {pair_set.name: pair_set.pairs for pair_set in pair_sets}
+
+
+def resolve_spec(spec: AblationSpec, workspace: Workspace, use_teacher_cache: bool) -> AblationSpec:
+    """``spec`` with the built-in data, the teacher and its cache filled into its run where
+    it names none (``orchestrator.assets.resolve_run``); the teacher only when a pair set
+    needs it."""
+    from orchestrator.assets import resolve_run
+
+    run = resolve_run(spec.run, workspace, use_teacher_cache, needs_teacher=spec.needs_teacher)
+    return spec.model_copy(update={"run": run})
 
 
 def trial_key(pair_set: str, seed: int) -> str:
@@ -165,7 +203,8 @@ def param_space(spec: AblationSpec) -> dict[str, Any]:
     return {
         **axes,
         "baseline": spec.baseline,
-        "pair_sets": spec.pair_sets,
+        # JSON, as the rest of a trial's config: Tune stores it and the trial validates it.
+        "pair_sets": spec.model_dump(mode="json", include={"pair_sets"})["pair_sets"],
         "run": run,
         "scaling": spec.scaling.model_dump(mode="json"),
         "train_storage": str(spec.train_storage),
@@ -178,22 +217,15 @@ def expand_trials(spec: AblationSpec) -> list[dict[str, Any]]:
 
     trials = []
     for _, variant in generate_variants(param_space(spec)):
-        pairs = variant["pair_sets"][variant["pair_set"]]
         trials.append(
             {
                 "pair_set": variant["pair_set"],
                 "seed": variant["seed"],
-                "pairs": ",".join(pair_text(_pair(p)) for p in pairs),
+                "pairs": spec.pair_set(variant["pair_set"]).key(),
                 "steps": spec.run.steps,
             }
         )
     return trials
-
-
-def _pair(data: dict[str, Any]):
-    from trainers.run_config import PairConfig
-
-    return PairConfig(**data)
 
 
 def trials_that_fit(free: dict[str, float], need: dict[str, float], cap: int | None = None) -> int:
@@ -238,25 +270,15 @@ class AblationOutcome:
         return [t for t in self.trials if t.status != "FINISHED"]
 
 
-def _params_of(spec: AblationSpec) -> dict[str, dict[str, Any]]:
-    params = {}
-    for name, pairs in spec.pair_sets.items():
-        key = PairSet(name=name, pairs=tuple(_pair(p) for p in pairs)).key()
-        params[name] = {
-            "pairs": key,
-            "pair_set": name,
-            "student": spec.run.student,
-            "teacher": spec.run.teacher or "",
-            "teacher_checkpoint": spec.run.teacher_checkpoint or "",
-            "teacher_cache": spec.run.teacher_cache or "",
-            "train_shards": spec.run.train_shards,
-            "eval_shards": spec.run.eval_shards,
-            "eval_every": spec.run.eval_every,
-            "steps": spec.run.steps,
-            "batch_size": spec.run.batch_size,
-            "num_workers": spec.scaling.num_workers,
-        }
-    return params
+def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, list[str]]:
+    """(one line: trials finished and where MLflow has them, one line per failed trial)."""
+    finished = len(outcome.trials) - len(outcome.failed)
+    line = (
+        f"ablation {spec.name}: {finished}/{len(outcome.trials)} trials finished; "
+        f"MLflow: {spec.tracking_uri} (experiment {spec.name})"
+    )
+    failures = [f"FAILED {t.pair_set} seed {t.seed}: {t.error}" for t in outcome.failed]
+    return line, failures
 
 
 def asha_grace_period(spec: AblationSpec) -> int:
@@ -292,13 +314,17 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
             restart_errored=False,
         )
     tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.experiment_name}
+    # Each trial's params are its run's whole config (run_params), so its setting is on record.
+    params_of = {
+        name: trial_params(spec.run, spec.scaling, spec.pair_set(name)) for name in spec.pair_sets
+    }
     if spec.round is not None:
         tags["conaclip.round"] = str(spec.round)
     logger = MlflowTrialLogger(
         spec.tracking_uri,
         spec.experiment_name,
         tags,
-        _params_of(spec),
+        params_of,
         # One spool per experiment: a resume from the MLflow ledger (a new Tune run) finds
         # what an earlier run could not write.
         spool_dir=spool_dir(spec),
@@ -384,7 +410,7 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.race import check_ledger, finished_trials, pair_keys
+    from orchestrator.race import check_ledger, finished_trials
 
     path = spec.tune_dir / spec.name
     if tune.Tuner.can_restore(str(path)):
@@ -400,7 +426,7 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
     else:
         say(f"resume: no Tune state at {path}; resuming from the MLflow runs")
     runs = tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
-    check_ledger(runs, pair_keys(spec), spec.run.steps)
+    check_ledger(runs, spec.pair_keys(), spec.run.steps)
     done = finished_trials(runs)
     missing = [trial for trial in spec.trial_list() if trial not in done]
     say(f"resume: {len(spec.trial_list()) - len(missing)} of {spec.trial_count} trials have a "
@@ -465,6 +491,6 @@ def run_greedy(spec: AblationSpec, baseline: PairSet, max_rounds: int = 20) -> A
         candidates = greedy_candidates(current)
         if not candidates:
             break
-        pair_sets = pair_sets_payload(candidates)
+        pair_sets = pair_sets_by_name(candidates)
     outcome.final = current
     return outcome

@@ -80,20 +80,27 @@ def ensure_builtin_teacher(
     return result.name, str(result.checkpoint), result.metrics
 
 
-def resolve_run(cfg: DistillConfig, workspace: Workspace, use_teacher_cache: bool) -> DistillConfig:
+def resolve_run(
+    cfg: DistillConfig,
+    workspace: Workspace,
+    use_teacher_cache: bool,
+    needs_teacher: bool | None = None,
+) -> DistillConfig:
     """Fill the built-in data, teacher, teacher cache and eval-set cache into ``cfg`` where it
-    names none."""
+    names none; the teacher and its cache only when ``needs_teacher`` (default: whether
+    ``cfg``'s own pairs read it; an ablation passes whether any of its pair sets does)."""
+    needs_teacher = cfg.needs_teacher if needs_teacher is None else needs_teacher
     updates: dict[str, Any] = {}
     if not cfg.train_shards or not cfg.eval_shards:
         shards = ensure_builtin_data(workspace)
         updates["train_shards"] = cfg.train_shards or shards.train
         updates["eval_shards"] = cfg.eval_shards or shards.eval
         cfg = cfg.model_copy(update=updates)
-    if cfg.needs_teacher and cfg.teacher == "conaclip-teacher" and not cfg.teacher_checkpoint:
+    if needs_teacher and cfg.teacher == "conaclip-teacher" and not cfg.teacher_checkpoint:
         shards = ensure_builtin_data(workspace)
         _, checkpoint, _ = ensure_builtin_teacher(workspace, shards)
         cfg = cfg.model_copy(update={"teacher_checkpoint": checkpoint})
-    if cfg.needs_teacher and use_teacher_cache and not cfg.teacher_cache:
+    if needs_teacher and use_teacher_cache and not cfg.teacher_cache:
         cache = ensure_teacher_cache(cfg, workspace)
         cfg = cfg.model_copy(update={"teacher_cache": str(cache)})
     if cfg.eval_shards and cfg.eval_cache is None:

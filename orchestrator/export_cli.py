@@ -8,10 +8,9 @@ import contextlib
 from pathlib import Path
 
 from orchestrator import mlflow_ui, tracking
+from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
 from orchestrator.trial_export import export_trial
 from trainers.errors import InputError
-
-DEFAULT_ABLATION_OUT = Path("runs/ablate")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -57,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--ablation-out",
         default=str(DEFAULT_ABLATION_OUT),
-        help="the ablation's --out (default runs/ablate)",
+        help=f"the ablation's --out (default {DEFAULT_ABLATION_OUT})",
     )
     export.add_argument("--tracking-uri", help="MLflow URI (default: the ablation's sqlite)")
     export.set_defaults(handler=_export)

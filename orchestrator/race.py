@@ -563,7 +563,7 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     def read_runs() -> pd.DataFrame:
         return tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
 
-    check_ledger(read_runs(), pair_keys(spec), spec.run.steps)
+    check_ledger(read_runs(), spec.pair_keys(), spec.run.steps)
 
     def launch(number: int, trials: list[Trial]) -> list[Any]:
         return _launch_round(spec, number, trials, run_ablation, read_runs)
@@ -573,18 +573,6 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
         metric=settings.metric, steps=spec.run.steps, ranks=RanksCache(spec.tracking_uri),
         say=say,
     )  # fmt: skip
-
-
-def pair_keys(spec: Any) -> dict[str, str]:
-    """Pair-set name -> ``PairSet.key()`` of an ablation spec: what a FINISHED run of that
-    name must have been trained with to count as done in the MLflow ledger."""
-    from search_spaces.presets import PairSet
-    from trainers.run_config import PairConfig
-
-    return {
-        name: PairSet(name=name, pairs=tuple(PairConfig(**p) for p in pairs)).key()
-        for name, pairs in spec.pair_sets.items()
-    }
 
 
 def _launch_round(

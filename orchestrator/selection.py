@@ -18,13 +18,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from orchestrator import stats
-from search_spaces.presets import PairSet, greedy_candidates, pair_text
+from orchestrator import run_params, stats
+from search_spaces.presets import PairSet, greedy_candidates
 from trainers.errors import InputError
+from trainers.run_config import PairConfig, pair_text
 
 RECIPE_NAME = "combined_recipe"
-# Run parameters that make the recipe reproduce the ablation's setting.
-SETTING_PARAMS = ("student", "teacher", "steps", "batch_size")
 # --seeds suggestions stop here: a gain that needs more is better settled by racing.
 MAX_SUGGESTED_SEEDS = 20
 
@@ -288,16 +287,14 @@ def greedy_next(table: pd.DataFrame, current: PairSet, metric: str | None = None
     return PairSet(str(top["pair_set"]), candidates[top["pairs"]].pairs)
 
 
-def common_settings(runs: pd.DataFrame) -> dict[str, Any]:
-    """The ``SETTING_PARAMS`` that every run of ``runs_frame`` output shares, typed (ints as
-    int); a parameter with several values, or none, is left out."""
-    settings: dict[str, Any] = {}
-    for name in SETTING_PARAMS:
-        column = f"params.{name}"
-        if column not in runs:
-            continue
-        values = set(runs[column].dropna().astype(str)) - {"None", ""}
-        if len(values) == 1:
-            value = values.pop()
-            settings[name] = int(value) if value.isdigit() else value
-    return settings
+def common_settings(runs: pd.DataFrame, pairs: list[PairConfig] | None = None) -> dict[str, Any]:
+    """The run settings that every run of ``runs_frame`` output shares, read back through
+    ``DistillConfig`` (so typed: ints as int) as a recipe of ``pairs`` (default: the config's
+    default pairs) carries them (``run_params.recipe_settings``); a param with several
+    values, or none, is left out."""
+    shared = {
+        name: values.pop()
+        for name, values in run_params.setting_values(runs).items()
+        if len(values) == 1
+    }
+    return run_params.recipe_settings(shared, pairs)

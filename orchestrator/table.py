@@ -30,8 +30,9 @@ import pandas as pd
 
 from orchestrator import stats
 from orchestrator.table_bootstrap import BOOT_COLUMNS, TableBootstrap
-from search_spaces.presets import PairSet, pair_text
+from search_spaces.presets import PairSet
 from trainers.errors import InputError
+from trainers.run_config import pair_text
 
 RECALLS = ("t2i_R1", "t2i_R5", "t2i_R10", "i2t_R1", "i2t_R5", "i2t_R10", "rsum")
 FINISHED = "FINISHED"

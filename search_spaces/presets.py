@@ -39,7 +39,14 @@ from pydantic import ValidationError
 
 from trainers.errors import InputError
 from trainers.graph import valid_pairs
-from trainers.run_config import AUTO, PairConfig, describe_validation_error, parse_pairs
+from trainers.run_config import (
+    AUTO,
+    PairConfig,
+    describe_validation_error,
+    pair_text,
+    parse_pairs,
+    repeated_pairs,
+)
 from trainers.yaml_input import parse_yaml_mapping
 
 BASELINE_PRESET = "baseline"
@@ -50,22 +57,6 @@ GENERATED = {
     "current set; stops when nothing gains (round 1 = single_additions)",
 }
 PresetKind = Literal["grid", "greedy"]
-
-
-def _number(value: float) -> str:
-    # Shortest text that parses back to the same float (repr), without a trailing ".0".
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
-
-
-def pair_text(pair: PairConfig) -> str:
-    """``intra_ts:fd*2000@0.05``: the string form ``parse_pairs`` reads; defaults omitted."""
-    text = pair.pair
-    if pair.weight != 1.0:
-        text += "*auto" if pair.is_auto else f"*{_number(pair.weight)}"
-    if pair.temperature is not None:
-        learnable = isinstance(pair.temperature, str)
-        text += f"@{pair.temperature}" if learnable else f"@{_number(pair.temperature)}"
-    return text
 
 
 def _pair_order(pair: PairConfig) -> int:
@@ -87,8 +78,7 @@ class PairSet:
         pairs = tuple(sorted(self.pairs, key=_pair_order))
         if not pairs:
             raise InputError(f"pair set {self.name!r}: at least one pair is needed")
-        names = [p.pair for p in pairs]
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        repeated = repeated_pairs(pairs)
         if repeated:
             raise InputError(
                 f"pair set {self.name!r}: pair {', '.join(repeated)} appears more than once"
@@ -191,7 +181,7 @@ def custom_preset(pair_sets: Sequence[PairSet], name: str = "custom") -> Preset:
     equal the MoTIS baseline, if any, is the table's reference row."""
     reference = baseline_pair_set().key()
     baseline = next((s for s in pair_sets if s.key() == reference), None)
-    _check_unique(pair_sets, name)
+    check_unique_sets(pair_sets, name)
     return Preset(name, f"user pair sets ({len(pair_sets)})", tuple(pair_sets), baseline)
 
 
@@ -201,7 +191,7 @@ def pair_sets_from_text(spec: str) -> list[PairSet]:
     sets = [PairSet.parse(part) for part in spec.split(";") if part.strip()]
     if not sets:
         raise InputError(f"--pairs {spec!r}: expected learning_type:strategy pairs")
-    _check_unique(sets, "--pairs")
+    check_unique_sets(sets, "--pairs")
     return sets
 
 
@@ -224,8 +214,26 @@ def pair_sets_from_yaml(path: str | Path) -> list[PairSet]:
     else:
         entries, where = data["pair_sets"], "pair_sets"
     sets = _pair_sets(entries, str(path), where)
-    _check_unique(sets, str(path))
+    check_unique_sets(sets, str(path))
     return sets
+
+
+def check_unique_sets(sets: Iterable[PairSet], source: str) -> None:
+    """The rule for the pair sets of one ablation: each name and each set of pairs (its key)
+    once, so a name picks one loss and the table has one row per loss. InputError naming
+    ``source`` otherwise."""
+    names: dict[str, PairSet] = {}
+    keys: dict[str, str] = {}
+    for pair_set in sets:
+        if pair_set.key() in keys:
+            raise InputError(
+                f"{source}: pair sets {keys[pair_set.key()]!r} and {pair_set.name!r} have the "
+                f"same pairs ({pair_set.key()})"
+            )
+        if pair_set.name in names:
+            raise InputError(f"{source}: pair set name {pair_set.name!r} is used twice")
+        names[pair_set.name] = pair_set
+        keys[pair_set.key()] = pair_set.name
 
 
 # ------------------------------------------------------------------------------ internals
@@ -281,28 +289,13 @@ def _one_pair(item: Any, source: str, field_name: str) -> PairConfig:
         ) from None
 
 
-def _check_unique(sets: Iterable[PairSet], source: str) -> None:
-    names: dict[str, PairSet] = {}
-    keys: dict[str, str] = {}
-    for pair_set in sets:
-        if pair_set.key() in keys:
-            raise InputError(
-                f"{source}: pair sets {keys[pair_set.key()]!r} and {pair_set.name!r} have the "
-                f"same pairs ({pair_set.key()})"
-            )
-        if pair_set.name in names:
-            raise InputError(f"{source}: pair set name {pair_set.name!r} is used twice")
-        names[pair_set.name] = pair_set
-        keys[pair_set.key()] = pair_set.name
-
-
 def _preset_from_mapping(name: str, data: dict[str, Any], source: str) -> Preset:
     known = {"description", "baseline", "settings", "pair_sets", "kind"}
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise InputError(f"{source}: unknown field {', '.join(unknown)}; known: {sorted(known)}")
     sets = _pair_sets(data.get("pair_sets"), source, "pair_sets")
-    _check_unique(sets, source)
+    check_unique_sets(sets, source)
     baseline = None
     if data.get("baseline") is not None:
         by_name = {s.name: s for s in sets}

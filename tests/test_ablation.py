@@ -20,6 +20,7 @@ import torch
 from orchestrator import tracking
 from orchestrator.cli import main
 from orchestrator.ray_cluster import descendant_pids, free_port
+from trainers.errors import InputError
 from trainers.evaluate import metrics_from_ranks
 from trainers.run_config import KD_TEMPERATURE
 
@@ -336,3 +337,84 @@ def test_train_command_two_workers_improves(tiny_shapes, tiny_teacher, local_ray
     summary = json.loads((out / "train" / "metrics.json").read_text())
     assert summary["metrics"]["step"] == 40
     assert Path(summary["checkpoint"]).is_dir()
+
+
+def _spec(pair_sets, **fields):
+    from orchestrator.ablation import AblationSpec
+    from trainers.run_config import DistillConfig
+
+    return AblationSpec(name="x", preset="custom", out_dir="/tmp/x", tracking_uri="sqlite:///x.db",
+                        pair_sets=pair_sets, run=DistillConfig(**fields))  # fmt: skip
+
+
+def test_spec_pair_sets_are_typed_checked_and_round_trip_through_json():
+    from pydantic import ValidationError
+
+    from orchestrator.ablation import AblationSpec, pair_sets_by_name, param_space
+    from search_spaces.presets import PairSet
+
+    sets = [PairSet.parse("inter_ss:kl*0.5,intra_ts:infonce", "a"), PairSet.parse("intra_ts:sd")]
+    spec = _spec(pair_sets_by_name(sets))
+    assert spec.pair_set("a") == sets[0] and spec.pair_keys()["a"] == sets[0].key()
+    assert AblationSpec.model_validate_json(spec.model_dump_json()) == spec
+    # Tune's config stays JSON, which the trial validates again.
+    assert param_space(spec)["pair_sets"]["a"][0] == {
+        "pair": "intra_ts:infonce", "weight": 1.0, "temperature": None
+    }  # fmt: skip
+    with pytest.raises(ValidationError, match="pair intra_ts:sd appears more than once"):
+        _spec({"a": [{"pair": "intra_ts:sd"}, {"pair": "intra_ts:sd", "weight": 2}]})
+    with pytest.raises(InputError, match="pair sets: pair sets 'a' and 'b' have the same pairs"):
+        pair_sets_by_name([PairSet.parse("intra_ts:sd", "a"), PairSet.parse("intra_ts:sd", "b")])
+
+
+def test_the_teacher_is_prepared_when_any_pair_set_reads_it():
+    # inter_ss:infonce and intra_ss:sym_sd read the student alone; the run template's own
+    # pairs play no part.
+    student_only = {"ss": [{"pair": "inter_ss:infonce"}, {"pair": "intra_ss:sym_sd"}]}
+    assert not _spec(student_only).needs_teacher
+    assert not _spec(student_only, pairs="intra_ts:infonce").needs_teacher
+    assert _spec({**student_only, "ts": [{"pair": "intra_ts:fd"}]}).needs_teacher
+
+
+def test_ablate_and_report_commands_share_one_default_out_and_no_import():
+    import ast
+    import inspect
+
+    from orchestrator import ablate_cli, cli, cli_flags, report_cli
+
+    parser = cli.build_parser()
+    outs = [parser.parse_args([*argv]).out for argv in (["table"], ["best"], ["ui"])]
+    outs.append(parser.parse_args(["export", "--run", "r", "--out", "o"]).ablation_out)
+    assert {Path(out) for out in outs} == {cli_flags.DEFAULT_ABLATION_OUT}
+    # Neither CLI module imports the other, at the top or inside a function.
+    for module, other in ((ablate_cli, "report_cli"), (report_cli, "ablate_cli")):
+        imported = set()
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert f"orchestrator.{other}" not in imported, module.__name__
+
+
+def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monkeypatch, tmp_path):
+    from orchestrator import assets
+    from orchestrator.ablation import resolve_spec
+    from orchestrator.config import Workspace
+
+    made = []
+    shards = assets.Shards(train="/d/train", eval="/d/eval")
+    monkeypatch.setattr(assets, "ensure_builtin_data", lambda workspace: shards)
+    monkeypatch.setattr(
+        assets,
+        "ensure_builtin_teacher",
+        lambda workspace, shards: made.append("teacher") or ("t", "/t.pt", {}),
+    )
+    monkeypatch.setattr(assets, "ensure_teacher_cache",
+                        lambda cfg, workspace: made.append("cache") or tmp_path)  # fmt: skip
+    workspace = Workspace(home=tmp_path)
+    student_only = resolve_spec(_spec({"ss": [{"pair": "inter_ss:infonce"}]}), workspace, True)
+    assert made == [] and student_only.run.train_shards == "/d/train"
+    with_teacher = resolve_spec(_spec({"ts": [{"pair": "intra_ts:sd"}]}, pairs="inter_ss:fd"),
+                                workspace, True)  # fmt: skip
+    assert made == ["teacher", "cache"] and with_teacher.run.teacher_checkpoint == "/t.pt"

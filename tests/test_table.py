@@ -23,11 +23,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from orchestrator import report_cli, stats, tracking
+from orchestrator import report_cli, reports, stats, tracking
 from orchestrator.heatmap import color_halfrange, heatmap, heatmap_grid
 from orchestrator.table import load_ranks, selection_table
 from orchestrator.table_format import format_table
-from search_spaces.presets import pair_sets_from_yaml
+from search_spaces.presets import PairSet, pair_sets_from_yaml
 from trainers.errors import InputError
 from trainers.graph import LEARNING_TYPES, STRATEGIES
 
@@ -561,7 +561,7 @@ def test_reports_and_artifacts_share_one_folder_name(tmp_path):
     assert tracking.safe_name("demo-1.2_x") == "demo-1.2_x"
     assert tracking.safe_name("///") == "experiment"
     name = "my ablation/1"
-    assert report_cli._report_dir(tmp_path, name) == tmp_path / "reports" / "my_ablation_1"
+    assert reports.report_dir(tmp_path, name) == tmp_path / "reports" / "my_ablation_1"
 
 
 def _cli(*argv: str) -> int:
@@ -652,7 +652,25 @@ def test_artifacts_stay_beside_the_database(store):
 
 
 def test_verify_repeats_the_baselines_seeds(table, runs):
-    assert report_cli._seeds_of_baseline(table) == [0, 1, 2]
+    assert reports.seeds_of_baseline(table) == [0, 1, 2]
     failed = runs.assign(**{"tags.conaclip.status": "FAILED", "status": "FAILED"})
     with pytest.raises(InputError, match="best --verify: no finished baseline run with a seed"):
-        report_cli._seeds_of_baseline(selection_table(failed))
+        reports.seeds_of_baseline(selection_table(failed))
+
+
+def test_verify_runs_the_recipe_in_the_setting_the_runs_share(table, runs, tmp_path):
+    params = {"params.student": "conaclip-student-xs", "params.batch_size": "16",
+              "params.teacher_checkpoint": "", "params.num_workers": "2"}  # fmt: skip
+    shared = runs.assign(**params)
+    shared.attrs = {"experiment": "ablation-a", "tracking_uri": "sqlite:///unused.db"}
+    recipe = PairSet.parse(f"{BASE},intra_ts:sd", name="combined_recipe")
+    spec = reports.verification_spec(reports.Selection(shared, table), recipe, tmp_path)
+    assert spec.name == "ablation-a-verify" and spec.experiment_name == "ablation-a"
+    assert spec.seeds == [0, 1, 2] and spec.pair_keys() == {"combined_recipe": recipe.key()}
+    assert (spec.run.student, spec.run.steps, spec.run.batch_size) == (
+        "conaclip-student-xs", FINAL_STEP, 16
+    )  # fmt: skip
+    assert spec.run.teacher_checkpoint is None and spec.scaling.num_workers == 2
+    split = shared.assign(**{"params.batch_size": ["16"] + ["32"] * (len(shared) - 1)})
+    with pytest.raises(InputError, match="do not share one batch_size param"):
+        reports.verification_spec(reports.Selection(split, table), recipe, tmp_path)

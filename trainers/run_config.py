@@ -13,7 +13,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.errors import InputError
-from trainers.graph import DEFAULT_SYM_ORIENTATION, SymOrientation, parse_pair, strategy_spec
+from trainers.graph import (
+    DEFAULT_SYM_ORIENTATION,
+    SymOrientation,
+    nodes_needed,
+    parse_pair,
+    strategy_spec,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 AUTO = "auto"
@@ -93,6 +99,34 @@ class PairConfig(BaseModel):
     @property
     def is_auto(self) -> bool:
         return self.weight == AUTO
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether this pair's loss reads a teacher node (TI or TT)."""
+        return bool({"TI", "TT"} & set(nodes_needed(self.learning_type, self.strategy)))
+
+
+def repeated_pairs(pairs: list[PairConfig] | tuple[PairConfig, ...]) -> list[str]:
+    """The pairs (``learning_type:strategy``) that occur more than once in ``pairs``, sorted:
+    the one rule for a loss, as a pair's weight and temperature apply to its term once."""
+    names = [p.pair for p in pairs]
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+def _number(value: float) -> str:
+    # Shortest text that parses back to the same float (repr), without a trailing ".0".
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def pair_text(pair: PairConfig) -> str:
+    """``intra_ts:fd*2000@0.05``: the string form ``parse_pairs`` reads; defaults omitted."""
+    text = pair.pair
+    if pair.weight != 1.0:
+        text += "*auto" if pair.is_auto else f"*{_number(pair.weight)}"
+    if pair.temperature is not None:
+        learnable = isinstance(pair.temperature, str)
+        text += f"@{pair.temperature}" if learnable else f"@{_number(pair.temperature)}"
+    return text
 
 
 def parse_pairs(spec: str | list[Any]) -> list[PairConfig]:
@@ -187,9 +221,9 @@ class DistillConfig(BaseModel):
     def _consistent(self) -> DistillConfig:
         if not self.pairs:
             raise ValueError("pairs: at least one learning_type:strategy pair is needed")
-        names = [p.pair for p in self.pairs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"pairs: each pair may appear once, got {', '.join(names)}")
+        if repeated_pairs(self.pairs):
+            names = ", ".join(p.pair for p in self.pairs)
+            raise ValueError(f"pairs: each pair may appear once, got {names}")
         if any(p.is_auto for p in self.pairs) and all(p.is_auto for p in self.pairs):
             raise ValueError(
                 "pairs: weight auto is a share of the fixed-weight pairs' gradient; at least "
@@ -210,11 +244,7 @@ class DistillConfig(BaseModel):
 
     @property
     def teacher_pairs(self) -> list[PairConfig]:
-        from trainers.graph import nodes_needed
-
-        return [
-            p for p in self.pairs if {"TI", "TT"} & set(nodes_needed(p.learning_type, p.strategy))
-        ]
+        return [p for p in self.pairs if p.needs_teacher]
 
     @property
     def needs_teacher(self) -> bool:
@@ -242,6 +272,13 @@ class DistillConfig(BaseModel):
         if pair.temperature is not None:
             return pair.temperature
         return LEARNABLE if pair.strategy == "infonce" else self.kd_temperature
+
+
+# Fields that name files and folders on the machine that ran (filled in there by
+# orchestrator.assets): a recipe meant for another run leaves them to that run's own flags.
+LOCATION_FIELDS = frozenset(
+    ("train_shards", "eval_shards", "teacher_checkpoint", "teacher_cache", "eval_cache", "out_dir")
+)
 
 
 def describe_validation_error(error: ValidationError, source: str | Path = "config") -> str:
