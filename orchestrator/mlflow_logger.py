@@ -26,10 +26,12 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,11 +52,20 @@ TUNE_KEYS = frozenset((*AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TA
 RETRY_EVERY_S = 2.0  # between attempts while the store does not answer
 REQUEST_TIMEOUT_S = 10  # one HTTP request; a hung server must not stall Tune's loop long
 FINAL_FLUSH_S = 600.0  # how long the ablation's end waits for a store that is away
+# Overrides FINAL_FLUSH_S (seconds, >= 0) where the logger is built without ``final_flush_s``,
+# as ``conaclip ablate`` builds it: an operator who knows the store is down for longer can end
+# the ablation at once (0) and write the spool later with ``--resume``.
+FINAL_FLUSH_ENV = "CONACLIP_MLFLOW_FINAL_FLUSH_S"
 # MLflow error codes that say the request itself is wrong: retrying cannot help.
 PERMANENT_CODES = frozenset(
     ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE")
 )
 SPOOL_FILE = "pending.json"
+# Beside the spool: per logger (``token``), the sequence number of the last write it made. Tune
+# saves its final experiment state before ``on_experiment_end``, so a store that answers again
+# during the end-of-run wait gets writes that state still lists as pending; a restored logger
+# drops those instead of making them a second time.
+WRITTEN_FILE = "written.json"
 
 
 def _stderr(message: str) -> None:
@@ -89,6 +100,16 @@ def is_permanent(error: Exception) -> bool:
     return isinstance(error, MlflowException) and error.error_code in PERMANENT_CODES
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing or unreadable (a record that cannot
+    be read only costs repeated writes, never lost ones)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _reason(error: Exception) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:200]}"
@@ -98,7 +119,7 @@ class MlflowTrialLogger(Callback):
     """Params, tags and every reported metric of each trial, plus its final status.
 
     Contract: every write a trial causes reaches the store in the order it happened, however
-    long the store is away while the ablation runs (and up to ``final_flush_s`` after its
+    long the store is away while the ablation runs (and up to ``final_wait_s()`` after its
     last trial); what is still unwritten then is kept in ``spool_dir/pending.json`` and in
     Tune's state and written by the next run of this callback (``--resume``). No store error
     reaches Tune, so an outage never ends the ablation.
@@ -111,11 +132,13 @@ class MlflowTrialLogger(Callback):
         tags: dict[str, str],
         params_of: dict[str, dict[str, Any]],
         spool_dir: str | Path | None = None,
-        final_flush_s: float = FINAL_FLUSH_S,
+        final_flush_s: float | None = None,
     ) -> None:
         """params_of: pair-set name -> MLflow params shared by its trials (seed is added).
         spool_dir: where queued artifacts and the unwritten queue are kept (a temporary
-        folder when None; the ablation passes one beside its Tune state)."""
+        folder when None; the ablation passes one beside its Tune state).
+        final_flush_s: seconds the ablation's end waits for a store that is away; None reads
+        ``$CONACLIP_MLFLOW_FINAL_FLUSH_S`` when the ablation ends, else ``FINAL_FLUSH_S``."""
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.tags = dict(tags)
@@ -129,6 +152,11 @@ class MlflowTrialLogger(Callback):
         self._trials: dict[str, dict[str, Any]] = {}  # trial id -> pair_set, seed, baseline
         self._pending: list[dict[str, Any]] = []  # writes not yet in the store, in order
         self._seq = 0
+        self._written_seq = 0  # the last sequence number written (or refused) by the store
+        self._recorded_seq = 0  # the last one kept in WRITTEN_FILE
+        # Names this logger's writes in WRITTEN_FILE; pickled with it, so the logger Tune
+        # restores for --resume reads its own record.
+        self._token = uuid.uuid4().hex
         self._next_try = 0.0
         self._away_since: float | None = None
         self.say: Callable[[str], None] = _stderr
@@ -141,7 +169,8 @@ class MlflowTrialLogger(Callback):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # A logger pickled before the written record existed has no token: it filters nothing.
+        self.__dict__.update({"_written_seq": 0, "_recorded_seq": 0, "_token": None, **state})
         self.say = _stderr
 
     # Tune checkpoints this with its experiment state: a driver killed during an outage
@@ -204,9 +233,11 @@ class MlflowTrialLogger(Callback):
                 self._experiment_id, run_name=f"{pair_set} seed{info['seed']}", tags=tags
             )
             run_id = run.info.run_id
+            from mlflow.entities import Param
+
             params = {**self.params_of[pair_set], "seed": info["seed"]}
-            for key, value in params.items():
-                client.log_param(run_id, key, value)
+            # One request for the ~36 settings of a trial, not one per parameter.
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self._runs[trial_id] = run_id
         return run_id
 
@@ -234,10 +265,14 @@ class MlflowTrialLogger(Callback):
                         self.say(f"MLflow refused {op['op']} of trial {op['trial']}: "
                                  f"{_reason(error)}; dropped")  # fmt: skip
                         self._pending.pop(0)
+                        self._written_seq = max(self._written_seq, op["seq"])
                         continue
                     self._note_away(error)
+                    self._record_written()
                     return False
                 self._pending.pop(0)
+                self._written_seq = max(self._written_seq, op["seq"])
+        self._record_written()
         if self._away_since is not None:
             self.say(f"MLflow at {self.tracking_uri} answers again after "
                      f"{time.monotonic() - self._away_since:.0f} s; every held update is "
@@ -278,6 +313,22 @@ class MlflowTrialLogger(Callback):
         else:
             raise ValueError(f"unknown queued operation {kind!r}")
 
+    def _record_written(self) -> None:
+        """Keeps ``_written_seq`` in WRITTEN_FILE (when the ablation gave a spool folder and
+        something was written since the last record), atomically: a crash mid-write must not
+        lose the record of earlier runs."""
+        seq = self._written_seq
+        token = self._token
+        if self.spool_dir is None or token is None or seq <= self._recorded_seq:
+            return
+        path = self._spool() / WRITTEN_FILE
+        record = _read_json(path)
+        record[token] = max(int(record.get(token, 0)), seq)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(record))
+        scratch.replace(path)
+        self._recorded_seq = seq
+
     def _spool(self) -> Path:
         if self.spool_dir is None:
             self.spool_dir = tempfile.mkdtemp(prefix="conaclip-mlflow-spool-")
@@ -299,6 +350,13 @@ class MlflowTrialLogger(Callback):
         """Picks up the queue an earlier run of this ablation could not write."""
         if self.spool_dir is None:
             return
+        # Own writes Tune's saved state lists as pending but this logger made after saving it.
+        written = int(_read_json(Path(self.spool_dir) / WRITTEN_FILE).get(self._token, 0))
+        if written:
+            self._pending = [op for op in self._pending if op["seq"] > written]
+            self._written_seq = max(self._written_seq, written)
+            self._recorded_seq = self._written_seq
+            self._seq = max(self._seq, written)
         spooled = Path(self.spool_dir) / SPOOL_FILE
         if spooled.is_file():
             state = json.loads(spooled.read_text())
@@ -361,14 +419,51 @@ class MlflowTrialLogger(Callback):
                  f"FAILED: {error}")  # fmt: skip
         self._enqueue({"op": "finish", "trial": trial.trial_id, "status": "FAILED", "error": error})
 
+    def final_wait_s(self) -> float:
+        """``final_flush_s``, else ``$CONACLIP_MLFLOW_FINAL_FLUSH_S``, else ``FINAL_FLUSH_S``.
+        Read when the ablation ends, not when the logger is built: Tune restores the logger
+        pickled at the ablation's start, and the environment of the resuming run decides."""
+        if self.final_flush_s is not None:
+            return self.final_flush_s
+        text = os.environ.get(FINAL_FLUSH_ENV, "").strip()
+        if not text:
+            return FINAL_FLUSH_S
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if not (math.isfinite(seconds) and seconds >= 0):
+            # A typo must not cost the queue: fall back to the default wait and say so.
+            self.say(f"{FINAL_FLUSH_ENV}={text!r} is not a number of seconds >= 0; waiting "
+                     f"the default {FINAL_FLUSH_S:.0f} s")  # fmt: skip
+            return FINAL_FLUSH_S
+        return seconds
+
+    def resume_command(self) -> str:
+        """The command that writes the spool: with ``--out`` and ``--name`` when the spool is
+        where the ablation keeps it (``<out>/tune/<experiment>.mlflow-spool``); the experiment
+        names the ablation (or the race / greedy run whose rounds share it)."""
+        if self.spool_dir is not None:
+            spool = Path(self.spool_dir)
+            if spool.parent.name == "tune" and spool.name == f"{self.experiment}.mlflow-spool":
+                out = str(spool.parent.parent)
+                return shlex.join(
+                    ["conaclip", "ablate", "--resume", "--out", out, "--name", self.experiment]
+                )
+        return "conaclip ablate --resume"
+
     def on_experiment_end(self, trials, **info) -> None:
-        """Waits up to ``final_flush_s`` for the store; spools what it could not write."""
-        deadline = time.monotonic() + self.final_flush_s
+        """Waits up to ``final_wait_s()`` for the store; spools what it could not write and
+        says where it is and which command writes it."""
+        wait_s = self.final_wait_s()
+        deadline = time.monotonic() + wait_s
         while not self.flush(force=True) and time.monotonic() < deadline:
-            time.sleep(RETRY_EVERY_S)
+            time.sleep(min(RETRY_EVERY_S, max(0.0, deadline - time.monotonic())))
         if self._pending:
             spooled = self._spool() / SPOOL_FILE
             spooled.write_text(json.dumps(self.get_state()))
             self.say(f"MLflow at {self.tracking_uri} still does not answer after "
-                     f"{self.final_flush_s:.0f} s: {len(self._pending)} update(s) kept in "
-                     f"{spooled}; `conaclip ablate --resume` writes them")  # fmt: skip
+                     f"{wait_s:.0f} s: {len(self._pending)} update(s) of "
+                     f"{len({op['trial'] for op in self._pending})} trial(s) kept in "
+                     f"{spooled}; once it answers, `{self.resume_command()}` writes "
+                     "them")  # fmt: skip

@@ -27,7 +27,7 @@ from torchvision import transforms
 from orchestrator import tracking
 from trainers.evaluate import metrics_from_ranks
 from trainers.models import load_model
-from trainers.shards import expand_urls
+from trainers.shards import expand_urls, iter_shard, write_shard
 from trainers.teacher_cache import read_manifest, teacher_fingerprint
 
 # Written out here rather than taken from open_clip's transform, so the check below says
@@ -43,6 +43,7 @@ TEACHER_224 = transforms.Compose(
     ]
 )
 CHECKED_SAMPLES = 8
+SUBSET = 64  # training samples the teacher encodes
 EXPERIMENT = "vitb32-teacher"
 STEPS = 6
 
@@ -75,8 +76,16 @@ def test_vit_b32_teacher_through_the_cache_into_the_xs_student(tiny_shapes, tmp_
     checkpoint = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(teacher.state_dict(), checkpoint)
 
-    # One shard of the three (200 samples) keeps the 224 px teacher pass short on two cores.
-    shard = expand_urls(str(tiny_shapes.out_dir / "train"))[0]
+    # A shard of the first 64 built-in samples keeps the 224 px teacher pass short on two
+    # cores; 6 steps x 16 read it one and a half times.
+    source = expand_urls(str(tiny_shapes.out_dir / "train"))[0]
+    subset = []
+    for raw in iter_shard(source):
+        subset.append({k: v for k, v in raw.items() if k != "__url__"})
+        if len(subset) == SUBSET:
+            break
+    shard = str(tmp_path / "train" / "00000.tar")
+    assert write_shard(Path(shard), subset) == SUBSET
     home, out = tmp_path / "home", tmp_path / "ablate"
     command = [
         sys.executable, "-m", "orchestrator.cli", "ablate",
@@ -127,7 +136,7 @@ def test_vit_b32_teacher_through_the_cache_into_the_xs_student(tiny_shapes, tmp_
     assert manifest.teacher == "ViT-B-32"
     assert manifest.embed_dim == 512  # ViT-B-32's joint width, not the student's 128
     assert manifest.source_shards == [shard]
-    assert (manifest.samples, manifest.skipped) == (200, 0)
+    assert (manifest.samples, manifest.skipped) == (SUBSET, 0)
     assert run["params.teacher"] == "ViT-B-32"
     assert run["params.teacher_checkpoint"] == str(checkpoint)
     assert Path(run["params.teacher_cache"]) == cache_dir
