@@ -219,7 +219,8 @@ def ranked_seeds(
     if not by_seed:
         return [], [], np.empty((0, 0))
     common = set.intersection(*(set(values) for values in by_seed.values()))
-    seeds = sorted(common, key=lambda s: (0, int(s)) if str(s).isdigit() else (1, str(s)))
+    # The table's by-seed dicts are already in seed order.
+    seeds = [seed for seed in next(iter(by_seed.values())) if seed in common]
     kept = list(by_seed)
     values = np.array([[float(by_seed[n][s]) for s in seeds] for n in kept]).reshape(
         len(kept), len(seeds)
