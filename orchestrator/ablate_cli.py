@@ -15,17 +15,19 @@ from typing import Any
 from orchestrator import reports, tracking
 from orchestrator.ablation import (
     AblationOutcome,
-    AblationSpec,
-    RaceSettings,
-    default_name,
     expand_trials,
-    load_spec,
     outcome_summary,
-    pair_sets_by_name,
-    resolve_spec,
     resume_ablation,
     run_ablation,
     run_greedy,
+)
+from orchestrator.ablation_spec import (
+    AblationSpec,
+    RaceSettings,
+    default_name,
+    load_spec,
+    pair_sets_by_name,
+    resolve_spec,
 )
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import build_settings, read_yaml

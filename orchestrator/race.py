@@ -1,18 +1,8 @@
 """Seed racing (F-Race style): spend seeds only on the cells whose verdict is still open.
 
 Round 1 runs every cell (pair set) and the baseline with seeds ``0..K0-1``. After each round the
-strategy-selection table (``orchestrator.table.selection_table``: per-cell 95% t intervals over
-seeds, paired gains vs the same-seed baseline, adjusted p-values and a ``verdict``) decides,
-per active cell (``decide``):
-
-- drop it when its verdict is ``worse`` (significantly below the baseline);
-- drop it when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (it cannot be
-  the best; the leader is the active cell, baseline included, with the highest mean);
-- drop it when F-Race's test (Birattari et al., 2002) says it cannot be the best (Friedman's
-  test with seeds as blocks, then Conover's comparison of its rank sum with the top one) and
-  its mean paired gain is not above the baseline's (a cell ahead of the baseline may still be
-  significantly better: the verdict's set of better cells is the combined recipe);
-- keep it otherwise.
+decision rules of ``orchestrator.race_rules`` (``decide``) keep or drop each active cell on the
+strategy-selection table of the runs so far; this module is the ledger and the loop around them.
 
 The next round adds one seed to every kept cell and to the baseline (gains are paired with the
 same-seed baseline, so the baseline runs every seed any cell runs). The race stops when it is
@@ -29,72 +19,23 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from orchestrator import stats
+# The decision rules, re-exported: callers read a race as one module (race.decide, ...).
+from orchestrator.race_rules import RaceStep, RaceVerdict, decide, verdict_of
+from orchestrator.race_rules import leader_of as leader_of
+from orchestrator.race_rules import ranked_seeds as ranked_seeds
 from trainers.errors import InputError
 
 FINISHED = "FINISHED"
-BASELINE, BETTER, WORSE, OPEN = "baseline", "better", "worse", "open"
 
 Trial = tuple[str, int]  # (pair set name, seed)
 # Launches a round's trials; returns what happened to each (orchestrator.ablation.TrialOutcome).
 Launcher = Callable[[int, list[Trial]], list[Any]]
-
-
-@dataclass(frozen=True)
-class RaceStep:
-    """The decision taken after one round.
-
-    ``kept``: the non-baseline cells that race on, in the order they were given; ``dropped``:
-    cell -> why it left the race this round; ``leader``: the cell (possibly the baseline) with
-    the highest mean, None when nothing finished; ``stop`` and ``reason`` (why it stops, or why
-    it goes on); ``next_seeds``: seeds per cell after the next round (== ``seeds`` on stop);
-    ``ranking``: the F-Race test of this round in one line (None when it could not run).
-    """
-
-    seeds: int
-    kept: tuple[str, ...]
-    dropped: dict[str, str]
-    leader: str | None
-    stop: bool
-    reason: str
-    next_seeds: int
-    ranking: str | None = None
-
-
-@dataclass(frozen=True)
-class RaceVerdict:
-    """What a race (or a full grid) concludes.
-
-    ``winner``: the leader when it is a non-baseline cell with verdict ``better`` whose
-    ``ci_low`` is above the ``ci_high`` of every other contender (contenders: the cells the
-    verdict is taken over, minus the baseline and the cells with verdict ``worse``, which are
-    below a baseline the leader beats); None otherwise. ``better`` / ``worse``: every
-    non-baseline row of the table with that verdict, in table order.
-    """
-
-    winner: str | None
-    leader: str | None
-    better: tuple[str, ...]
-    worse: tuple[str, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"winner": self.winner, "leader": self.leader, "better": list(self.better),
-                "worse": list(self.worse)}  # fmt: skip
-
-    def same_as(self, other: RaceVerdict) -> dict[str, bool]:
-        """Per part (winner; set of better cells; set of worse cells), whether both agree."""
-        return {
-            "winner": self.winner == other.winner,
-            "better": set(self.better) == set(other.better),
-            "worse": set(self.worse) == set(other.worse),
-        }
 
 
 @dataclass
@@ -165,194 +106,6 @@ def _round_dict(r: RaceRound) -> dict[str, Any]:
         "reason": r.step.reason,
         "ranking": r.step.ranking,
     }
-
-
-# ------------------------------------------------------------------------------ decisions
-def _rows(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    return {str(row["pair_set"]): row for row in table.to_dict("records")}
-
-
-def _num(row: dict[str, Any] | None, key: str) -> float:
-    value = None if row is None else row.get(key)
-    return math.nan if value is None or pd.isna(value) else float(value)
-
-
-def _baseline_name(table: pd.DataFrame) -> str | None:
-    rows = table[table["is_baseline"].astype(bool)]
-    return None if rows.empty else str(rows["pair_set"].iloc[0])
-
-
-def leader_of(table: pd.DataFrame, cells: Iterable[str], metric: str = "rsum") -> str | None:
-    """The cell among ``cells`` and the table's baseline with the highest ``<metric>_mean``
-    (cells without a finished run are not candidates); ties go to the baseline, then to the
-    cell given first. None when no candidate has a mean."""
-    rows = _rows(table)
-    baseline = _baseline_name(table)
-    candidates = ([baseline] if baseline is not None else []) + [c for c in cells if c != baseline]
-    best, best_mean = None, -math.inf
-    for name in candidates:
-        mean = _num(rows.get(name), f"{metric}_mean")
-        if not math.isnan(mean) and mean > best_mean:
-            best, best_mean = name, mean
-    return best
-
-
-def _worse_reason(row: dict[str, Any]) -> str:
-    return (
-        f"worse than the baseline (gain {_num(row, 'gain_mean'):+.2f}, 95% CI "
-        f"{_num(row, 'gain_ci_low'):+.2f}..{_num(row, 'gain_ci_high'):+.2f}, "
-        f"adjusted p {_num(row, 'p_seed_adj'):.3g})"
-    )
-
-
-def ranked_seeds(
-    table: pd.DataFrame, names: Sequence[str], metric: str = "rsum"
-) -> tuple[list[str], list[str], np.ndarray]:
-    """(names ranked, their common seeds, values of shape (names, seeds)) from the table's
-    ``<metric>_by_seed`` column: the complete blocks Friedman's test needs. Only the names
-    with the most finished seeds are ranked (a cell one failed trial short is left out, not
-    every cell cut to its seeds), over the seeds they all have."""
-    rows = _rows(table)
-    by_seed = {n: dict(rows[n].get(f"{metric}_by_seed") or {}) for n in names if n in rows}
-    most = max((len(values) for values in by_seed.values()), default=0)
-    by_seed = {n: values for n, values in by_seed.items() if values and len(values) == most}
-    if not by_seed:
-        return [], [], np.empty((0, 0))
-    common = set.intersection(*(set(values) for values in by_seed.values()))
-    # The table's by-seed dicts are already in seed order.
-    seeds = [seed for seed in next(iter(by_seed.values())) if seed in common]
-    kept = list(by_seed)
-    values = np.array([[float(by_seed[n][s]) for s in seeds] for n in kept]).reshape(
-        len(kept), len(seeds)
-    )
-    return kept, [str(s) for s in seeds], values
-
-
-def decide(
-    table: pd.DataFrame,
-    active: Sequence[str],
-    seeds: int,
-    max_seeds: int,
-    metric: str = "rsum",
-    alpha: float = 0.05,
-) -> RaceStep:
-    """The next round's plan from ``table`` (``selection_table`` output over the runs the race
-    has so far), the non-baseline cells still racing (``active``) and the seeds each has.
-
-    Per active cell, in this order:
-
-    - dropped when its ``verdict`` is ``worse`` (significantly below the baseline);
-    - dropped when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (NaN
-      compares false: with one seed nothing is dropped on intervals);
-    - dropped when F-Race's test says it cannot be the best and it is not ahead of the
-      baseline (``gain_mean <= 0``; a cell ahead may still become significantly better and
-      join the recipe, so it races on): Friedman's test over the seeds (blocks) of the
-      baseline and the active cells not worse (at least 3 of them, 2 seeds in common) is
-      significant at ``alpha`` and the cell's rank sum is below the top rank sum by more than
-      Conover's critical difference (``stats.friedman_conover``). Seeds are blocks
-      because a seed fixes the initialisation and data order every cell shares (a strong
-      common effect: comparisons within a seed are paired), and the rank variance is pooled
-      over every racing cell, so at 2 seeds the comparison has ``k - 1`` degrees of freedom
-      where a paired t-test of two cells has 1. The interval rule catches what ranks cannot
-      with few cells (with 4 cells and 2 seeds Friedman's p is never below 0.11);
-    - kept otherwise, also when it has no finished run or no interval yet.
-
-    The baseline is ranked with the cells (it may hold the top rank sum) but is never dropped.
-    The leader (``leader_of``) is the cell, baseline included, with the highest mean among
-    those not dropped as worse.
-
-    Stops (``stop=True``) when settled, i.e. no kept cell is left besides the leader and the
-    leader's own verdict is not ``open`` (a leader that has not yet been told apart from the
-    baseline is still an open question, which only more seeds of it and the baseline answer;
-    the race goes on with just those two), or when ``seeds >= max_seeds``. Otherwise the next
-    round brings every kept cell and the baseline to ``seeds + 1`` seeds.
-    """
-    rows = _rows(table)
-    baseline = _baseline_name(table)
-    active = [c for c in active if c != baseline]
-    dropped: dict[str, str] = {}
-    for cell in active:
-        row = rows.get(cell)
-        if row is not None and row.get("verdict") == WORSE:
-            dropped[cell] = _worse_reason(row)
-    # The leader is chosen among the cells that survive the test against the baseline.
-    survivors = [c for c in active if c not in dropped]
-    leader = leader_of(table, survivors, metric)
-    leader_low = _num(rows.get(leader), f"{metric}_ci_low")
-    for cell in survivors:
-        high = _num(rows.get(cell), f"{metric}_ci_high")
-        if cell != leader and high < leader_low:
-            dropped[cell] = (
-                f"{metric} CI high {high:.2f} is below the CI low {leader_low:.2f} of "
-                f"the leader {leader}"
-            )
-    contenders = ([baseline] if baseline is not None else []) + survivors
-    names, common, values = ranked_seeds(table, contenders, metric)
-    ranking = None
-    if len(names) >= 3 and len(common) >= 2:
-        test = stats.friedman_conover(values, alpha)
-        top = int(np.argmax(test.rank_sums))
-        ranking = (
-            f"Friedman p {test.p:.3g} over {len(names)} cells x seeds {common[0]}..{common[-1]}"
-        )
-        if test.p < alpha and not math.isnan(test.critical_difference):
-            bar = test.rank_sums[top] - test.critical_difference
-            ranking += (
-                f", top rank sum {test.rank_sums[top]:g} ({names[top]}), Conover's critical "
-                f"difference {test.critical_difference:.2f}: below {bar:.2f} cannot be the best"
-            )
-            for name, rank_sum in zip(names, test.rank_sums, strict=True):
-                if name in (baseline, leader) or name in dropped or rank_sum >= bar:
-                    continue
-                # A cell ahead of the baseline may still turn out significantly better, i.e.
-                # join the recipe: it races on although it cannot be the best.
-                gain = _num(rows.get(name), "gain_mean")
-                if math.isnan(gain) or gain > 0:
-                    continue
-                dropped[name] = f"rank sum {rank_sum:g} < {bar:.2f}, F-Race; gain {gain:+.2f}"
-        else:
-            ranking += ": not significant, nothing dropped on ranks"
-    kept = [c for c in survivors if c not in dropped]
-    dropped = {c: dropped[c] for c in active if c in dropped}  # in the order given
-
-    others = [c for c in kept if c != leader]
-    leader_verdict = None if leader is None else rows[leader].get("verdict")
-    if not others and leader_verdict != OPEN:
-        reason = (
-            "settled: no cell is left but the baseline"
-            if not kept
-            else f"settled: only the leader {leader} is left, verdict {leader_verdict}"
-        )
-        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds, ranking)
-    if seeds >= max_seeds:
-        reason = f"reached --max-seeds {max_seeds} with {len(kept)} cell(s) still open"
-        return RaceStep(seeds, tuple(kept), dropped, leader, True, reason, seeds, ranking)
-    if others:
-        reason = f"{len(others)} cell(s) not yet told apart from the leader {leader}"
-    else:
-        reason = f"the leader {leader} is not yet told apart from the baseline"
-    return RaceStep(seeds, tuple(kept), dropped, leader, False, reason, seeds + 1, ranking)
-
-
-def verdict_of(table: pd.DataFrame, cells: Iterable[str], metric: str = "rsum") -> RaceVerdict:
-    """The verdict over ``table`` when ``cells`` (non-baseline names) are the contenders: see
-    ``RaceVerdict``; the leader is taken among the baseline and the cells not ``worse``. For a
-    race, ``cells`` are the cells kept at the end; for a full grid, all of them."""
-    rows = _rows(table)
-    baseline = _baseline_name(table)
-    cells = [c for c in cells if c != baseline]
-    # As in decide: a cell significantly below the baseline is no candidate for the lead.
-    leader = leader_of(table, [c for c in cells if rows.get(c, {}).get("verdict") != WORSE], metric)
-    non_base = [r for r in table.to_dict("records") if not r["is_baseline"]]
-    better = tuple(str(r["pair_set"]) for r in non_base if r.get("verdict") == BETTER)
-    worse = tuple(str(r["pair_set"]) for r in non_base if r.get("verdict") == WORSE)
-    winner = None
-    if leader is not None and leader != baseline and rows[leader].get("verdict") == BETTER:
-        low = _num(rows[leader], f"{metric}_ci_low")
-        rivals = [c for c in cells if c != leader and rows.get(c, {}).get("verdict") != WORSE]
-        if all(low > _num(rows.get(c), f"{metric}_ci_high") for c in rivals):
-            winner = leader
-    return RaceVerdict(winner, leader, better, worse)
 
 
 # ------------------------------------------------------------------------------ the ledger
@@ -553,7 +306,8 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     their MLflow run); what is still missing then runs as ``<name>-round<k>-retry<j>``.
     """
     from orchestrator import tracking
-    from orchestrator.ablation import run_ablation, save_spec
+    from orchestrator.ablation import run_ablation
+    from orchestrator.ablation_spec import save_spec
 
     if spec.race is None or spec.baseline is None:
         raise InputError("--race needs race settings and a baseline pair set")
@@ -585,7 +339,7 @@ def _launch_round(
 ) -> list[Any]:
     from ray import tune
 
-    from orchestrator.ablation import load_spec
+    from orchestrator.ablation_spec import load_spec
 
     base = f"{spec.name}-round{number}"
     outcomes: list[Any] = []

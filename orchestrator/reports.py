@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator import heatmap, run_params, selection, stats, table, table_format, tracking
-from orchestrator.ablation import AblationOutcome, AblationSpec, pair_sets_by_name
+from orchestrator.ablation import AblationOutcome
+from orchestrator.ablation_spec import AblationSpec, pair_sets_by_name
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
 from search_spaces.presets import PairSet
 from trainers.errors import InputError

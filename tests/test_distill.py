@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.distill import (
-    CHECKPOINT_FILE,
-    RANKS_FILE,
-    _warmup_cosine,
-    gradient_norm,
-    gradient_share_weights,
-    train_loop_per_worker,
-)
+from trainers.distill import CHECKPOINT_FILE, RANKS_FILE, train_loop_per_worker
 from trainers.errors import InputError
 from trainers.evaluate import metrics_from_ranks
+from trainers.optim import gradient_norm, gradient_share_weights, warmup_cosine
 from trainers.run_config import KD_TEMPERATURE, PairConfig, load_distill_config, parse_pairs
 
 RECALL_KEYS = ("t2i_R1", "t2i_R5", "t2i_R10", "i2t_R1", "i2t_R5", "i2t_R10")
@@ -238,7 +232,7 @@ def test_teacher_pairs_without_teacher_are_refused():
 
 
 def test_warmup_cosine_schedule_values():
-    factor = _warmup_cosine(warmup=4, total=12)
+    factor = warmup_cosine(warmup=4, total=12)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == pytest.approx(1.0)
     assert factor(8) == pytest.approx(0.5)  # half-way through the 8 cosine steps

@@ -17,6 +17,10 @@ from ``balance_step`` the loop measures the gradient norm (w.r.t. the student's 
 each auto pair's loss and of the weighted sum of the fixed-weight pairs, and then fixes the auto
 weight to ``balance_share x |g_fixed| / |g_pair|`` (norms averaged over those steps and over
 DDP ranks). Every report carries ``weight_<pair>`` and ``temperature_<pair>``: what ran.
+
+The loop's parts that are not the loop live next to it: the optimiser, schedule and fair-cell
+arithmetic in ``trainers.optim``, the worker's place (Ray Train or bare) and the collectives in
+``trainers.worker_context``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,78 +47,26 @@ from trainers.evaluate import evaluate_retrieval
 from trainers.graph import learning_type_spec
 from trainers.loaders import make_train_loader
 from trainers.losses import interaction_loss
-from trainers.models import DistillStudent, LoadedModel, build_student, embed_dim_of, load_model
+from trainers.models import LoadedModel, build_student, embed_dim_of, load_model
+from trainers.optim import adamw, gradient_norm, gradient_share_weights, warmup_cosine
 from trainers.run_config import LEARNABLE, DistillConfig, PairConfig, load_distill_config
 from trainers.teacher_cache import TEACHER_FIELDS, cache_shards
+from trainers.worker_context import (
+    Report,
+    WorkerContext,
+    bare_context,
+    gather_no_grad,
+    gather_with_grad,
+    process_started_unix,
+    ray_context,
+)
 
-Report = Callable[[dict[str, Any], str | None], None]
 # Called every PROGRESS_EVERY steps of a bare run with (step, total steps, samples/s, loss).
 Progress = Callable[[int, int, float, float], None]
 PROGRESS_EVERY = 5
 CHECKPOINT_FILE = "checkpoint.pt"
 RANKS_FILE = "eval_ranks.npz"  # per-query ranks of the eval in this checkpoint
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
-
-
-@dataclass
-class WorkerContext:
-    """Where this worker sits and how it reports; built from Ray Train or for a bare run."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    report: Report
-    resume_dir: str | None  # a checkpoint directory to resume from, or None
-    checkpoint_root: Path | None  # bare runs keep checkpoints here; Ray keeps its own
-
-
-def _ray_context() -> WorkerContext:
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
-    if checkpoint is not None:
-        # Copy to a local dir that outlives the context manager; checkpoints are small.
-        resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix="conaclip-resume-"))
-    return WorkerContext(
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        report=report,
-        resume_dir=resume_dir,
-        checkpoint_root=None,
-    )
-
-
-def _bare_context(cfg: DistillConfig, report: Report, resume_from: str | None) -> WorkerContext:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    root = Path(cfg.out_dir or tempfile.mkdtemp(prefix="conaclip-run-")) / "checkpoints"
-    if resume_from is None and root.is_dir():
-        existing = sorted(root.glob("step_*"))
-        resume_from = str(existing[-1]) if existing else None
-    return WorkerContext(0, 1, device, report, resume_from, root)
-
-
-def process_started_unix() -> float:
-    """Wall-clock (Unix seconds) at which this process started; from /proc on Linux (the
-    kernel's start tick plus boot time), the current time where /proc is missing."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, IndexError, ValueError):
-        return time.time()
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def train_loop_per_worker(
@@ -133,7 +84,7 @@ def train_loop_per_worker(
     call, loss) so long bare runs can show where they are.
     """
     cfg = load_distill_config(config)
-    context = _ray_context() if report is None else _bare_context(cfg, report, resume_from)
+    context = ray_context() if report is None else bare_context(cfg, report, resume_from)
     return DistillationRun(cfg, context, progress).run()
 
 
@@ -177,9 +128,9 @@ class DistillationRun:
             import ray.train.torch
 
             self.model = ray.train.torch.prepare_model(self.student, move_to_device=False)
-        self.optimizer = _adamw(self.student, cfg.lr, cfg.weight_decay)
+        self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps)
+            self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps)
         )
         self.step = 0
         self.samples_seen = 0
@@ -252,9 +203,9 @@ class DistillationRun:
             native = {"SI": student["image"], "ST": student["text"]}
             mapped = {"SI": student["image_to_teacher"], "ST": student["text_to_teacher"]}
             if cfg.global_batch and self.ctx.world_size > 1:
-                native = {k: _gather_with_grad(v) for k, v in native.items()}
-                mapped = {k: _gather_with_grad(v) for k, v in mapped.items()}
-                teacher = {k: _gather_no_grad(v) for k, v in teacher.items()}
+                native = {k: gather_with_grad(v) for k, v in native.items()}
+                mapped = {k: gather_with_grad(v) for k, v in mapped.items()}
+                teacher = {k: gather_no_grad(v) for k, v in teacher.items()}
             total = torch.zeros((), device=device)
             losses: dict[str, float] = {}
             values: dict[str, Tensor] = {}
@@ -520,68 +471,7 @@ class DistillationRun:
             self.norm_count = int(state["norm_count"])
 
 
-def gradient_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
-    """L2 norm (0-dim float32, detached) of d loss / d params over all ``params`` together;
-    parameters the loss does not reach count as zero. The graph is kept for the real step."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
-
-
-def gradient_share_weights(norm_sums: dict[str, float], share: float) -> dict[str, float]:
-    """The fair-cell weights: ``norm_sums`` holds gradient norms summed over the same measuring
-    steps for ``"fixed"`` (the weighted sum of the fixed-weight pairs) and for each auto pair;
-    each auto pair gets ``share x fixed / its own`` (the step count cancels), so its weighted
-    gradient is ``share`` x the fixed pairs'. A pair whose gradient was zero gets weight 0."""
-    fixed = norm_sums["fixed"]
-    return {
-        name: (share * fixed / norm if norm > 0 else 0.0)
-        for name, norm in norm_sums.items()
-        if name != "fixed"
-    }
-
-
 def _as_random_state(value: Any) -> tuple:
     # torch.save turns the state's inner tuple into a list on some paths; random wants tuples.
     version, internal, gauss = value
     return (version, tuple(internal), gauss)
-
-
-def _adamw(model: DistillStudent, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without decay on gains, biases, embeddings and the logit scale (as open_clip)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(param)
-    groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
-    # fused: one kernel over all parameters; on 2 CPU cores the teacher's step takes 17 ms
-    # instead of 77 ms (the token embedding alone is 12.6M parameters), same update rule.
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _gather_with_grad(tensor: Tensor) -> Tensor:
-    """All ranks' rows, in rank order; gradient flows back to every rank's own rows."""
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
-
-
-def _gather_no_grad(tensor: Tensor) -> Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
