@@ -21,7 +21,7 @@ import trainers  # noqa: F401  (torchvision compat first)
 from orchestrator.assets import ensure_builtin_data, ensure_builtin_teacher, ensure_teacher_cache
 from orchestrator.config import Workspace
 from orchestrator.ray_cluster import start_local_cluster
-from orchestrator.trial import ScalingSpec, make_torch_trainer
+from orchestrator.trial import ScalingSpec, fit_or_raise, make_torch_trainer
 from trainers.distill import train_loop_per_worker
 from trainers.run_config import DistillConfig
 
@@ -38,10 +38,9 @@ def with_ray(cfg: DistillConfig, workers: int) -> float:
     with tempfile.TemporaryDirectory() as storage:
         threads = max(1, cfg.torch_threads // workers)
         run = cfg.model_copy(update={"torch_threads": threads})
-        trainer = make_torch_trainer(
-            run, ScalingSpec(num_workers=workers), f"bench-{workers}", storage, progress=False
-        )
-        result = trainer.fit()
+        scaling = ScalingSpec(num_workers=workers)
+        trainer = make_torch_trainer(run, scaling, f"bench-{workers}", storage, progress=False)
+        result = fit_or_raise(trainer, scaling)
     return result.metrics["samples_per_s"]
 
 

@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = make_torch_trainer(
         cfg, settings.scaling, run_name, out, history_file=out / run_name / "metrics.jsonl"
     )
-    result = fit_or_raise(trainer)
+    result = fit_or_raise(trainer, settings.scaling)
     summary = {
         "config": cfg.model_dump(mode="json"),
         "metrics": result.metrics,

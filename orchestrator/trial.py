@@ -3,12 +3,13 @@ the body of a Ray Tune function trainable (the Ray 2.x way to run Train inside T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,6 @@ HEALTH_CHECK_INTERVAL_S = 0.25
 # prints nothing. ScalingSpec.start_timeout_s bounds the attempts together instead.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_ATTEMPT_S = 60.0
-# A value the user set when this process started (the cluster's environment) wins.
-_USER_START_ATTEMPT_S = os.environ.get(START_TIMEOUT_ENV)
-
 PROGRESS_KEYS = ("step", "loss", "rsum", "t2i_R1", "i2t_R1", "samples_per_s", "skipped_samples")
 
 
@@ -54,7 +52,8 @@ class ScalingSpec(BaseModel):
     def start_attempts(self) -> tuple[float, int]:
         """(seconds one placement-group attempt waits, attempts): together about
         ``start_timeout_s``, each at most Ray's own 60 s so that a freed cluster is noticed."""
-        attempt = float(_USER_START_ATTEMPT_S or min(self.start_timeout_s, START_ATTEMPT_S))
+        user_s = os.environ.get(START_TIMEOUT_ENV)  # read now: set after import still counts
+        attempt = float(user_s or min(self.start_timeout_s, START_ATTEMPT_S))
         return attempt, max(1, math.ceil(self.start_timeout_s / attempt - 1e-9))
 
     def resources_per_worker(self) -> dict[str, float]:
@@ -125,10 +124,7 @@ def make_torch_trainer(
 
     # Read by fit() in this process and passed on to the controller; a user's value wins.
     os.environ.setdefault(HEALTH_CHECK_ENV, str(HEALTH_CHECK_INTERVAL_S))
-    # Set (not setdefault): one trial actor runs trial after trial, and this trial's bound
-    # is what counts; Ray Train passes the variable on to the controller it starts.
-    attempt_s, attempts = scaling.start_attempts()
-    os.environ[START_TIMEOUT_ENV] = str(attempt_s)
+    _, attempts = scaling.start_attempts()
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))
@@ -154,12 +150,34 @@ def make_torch_trainer(
     )
 
 
-def fit_or_raise(trainer) -> Any:
-    """``trainer.fit()``; a worker error surfaces as one line naming the run and its error."""
+@contextlib.contextmanager
+def start_timeout_env(scaling: ScalingSpec) -> Iterator[None]:
+    """``START_TIMEOUT_ENV`` set to ``scaling``'s attempt while the block runs, then restored.
+
+    Ray Train reads the variable from this process's environment when ``fit()`` starts the
+    controller and passes it on. Scoped to one ``fit()`` because one trial actor runs trial
+    after trial: a value left behind by one trial would pass for the user's at the next.
+    """
+    attempt_s, _ = scaling.start_attempts()
+    before = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(attempt_s)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
+
+
+def fit_or_raise(trainer, scaling: ScalingSpec) -> Any:
+    """``trainer.fit()`` under ``scaling``'s start bound; a worker error surfaces as one line
+    naming the run and its error."""
     import ray.train
 
     try:
-        return trainer.fit()
+        with start_timeout_env(scaling):
+            return trainer.fit()
     except ray.train.TrainingFailedError as error:
         message = str(error).strip().splitlines()
         summary = message[-1] if message else repr(error)
@@ -363,7 +381,8 @@ def distill_trial(config: dict[str, Any]) -> None:
         progress=False,
     )
     try:
-        trainer.fit()
+        with start_timeout_env(scaling):
+            trainer.fit()
     except ray.train.TrainingFailedError as error:
         line = failure_line(error, scaling)
         print(f"conaclip: trial {config['pair_set']} seed {config['seed']} failed: {line}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -190,3 +191,23 @@ def test_resume_of_an_ablation_nobody_ran_is_refused(tmp_path, capsys):
     assert line.endswith("experiment 'nope' not found in " + uri + "; known experiments: other: "
                          "nothing to resume")  # fmt: skip
     assert {e.name for e in tracking.client(uri).search_experiments()} == {"other", "Default"}
+
+
+def test_start_attempt_env_is_read_when_used_and_restored_after_each_fit(monkeypatch):
+    from orchestrator import trial
+
+    monkeypatch.delenv(trial.START_TIMEOUT_ENV, raising=False)
+    scaling = trial.ScalingSpec(start_timeout_s=600)
+    assert scaling.start_attempts() == (60.0, 10)
+    with trial.start_timeout_env(trial.ScalingSpec(start_timeout_s=20)):
+        assert os.environ[trial.START_TIMEOUT_ENV] == "20.0"  # what Ray Train reads in fit()
+    # Without a user's value, what one trial set does not bound the next one.
+    assert trial.START_TIMEOUT_ENV not in os.environ
+    assert scaling.start_attempts() == (60.0, 10)
+    # Set after import: the user's value wins, and survives a trial.
+    monkeypatch.setenv(trial.START_TIMEOUT_ENV, "15")
+    assert scaling.start_attempts() == (15.0, 40)
+    with trial.start_timeout_env(trial.ScalingSpec(start_timeout_s=30)):
+        assert os.environ[trial.START_TIMEOUT_ENV] == "15.0"
+    assert os.environ[trial.START_TIMEOUT_ENV] == "15"
+    assert trial.ScalingSpec(start_timeout_s=30).start_attempts() == (15.0, 2)
