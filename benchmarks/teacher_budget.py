@@ -24,7 +24,7 @@ from orchestrator.assets import ensure_builtin_data
 from orchestrator.config import Workspace
 from trainers.distill import train_loop_per_worker
 from trainers.models import CONFIG_DIR
-from trainers.teacher import teacher_config
+from trainers.teacher import TEACHER_LR, teacher_config
 
 # name -> changes to conaclip-teacher.json: {"vision_cfg": {...}, "text_cfg": {...}, ...}
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -42,6 +42,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "vision_cfg": {"width": 128, "layers": 4},
         "text_cfg": {"width": 128, "heads": 2, "layers": 4},
     },
+    # FLIP-style: half the image patches dropped at random in training (none at eval)
+    "pd50": {"vision_cfg": {"patch_dropout": 0.5}},
     "resnet64": {
         "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
     },
@@ -63,8 +65,18 @@ def main() -> None:
     parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="shipped")
     parser.add_argument("--steps", type=int, default=220)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=TEACHER_LR)
     parser.add_argument("--warmup", type=int, default=None, help="default: the product's")
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="samples shuffled before batching (default: the product's); 0 keeps each shard's "
+        "order, so a minimal-edit scene shares a batch with the scene it edits",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="also evaluate every N steps (the curve)"
+    )
     parser.add_argument("--out", default="runs/bench/teacher_budget.jsonl")
     args = parser.parse_args()
 
@@ -76,6 +88,10 @@ def main() -> None:
         (Path(work) / f"{name}.json").write_text(json.dumps(candidate_config(args.candidate)))
         open_clip.add_model_config(work)
         overrides: dict[str, Any] = {"out_dir": str(Path(work) / "run"), "torch_threads": 2}
+        if args.shuffle_buffer is not None:
+            overrides["shuffle_buffer"] = args.shuffle_buffer
+        if args.eval_every is not None:
+            overrides["eval_every"] = args.eval_every
         if args.warmup is not None:
             overrides["warmup_steps"] = args.warmup
         cfg = teacher_config(
@@ -93,11 +109,14 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "warmup_steps": cfg.warmup_steps,
+        "shuffle_buffer": cfg.shuffle_buffer,
         "wall_s": round(wall, 1),
         "train_s": round(last["train_s"], 1),
         "samples_per_s": round(args.steps * args.batch_size / last["train_s"], 1),
         **{k: round(last[k], 2) for k in ("rsum", "t2i_R1", "i2t_R1")},
     }
+    if len(reports) > 1:  # (step, seconds of training, rsum) at every eval
+        row["curve"] = [[r["step"], round(r["train_s"], 1), round(r["rsum"], 1)] for r in reports]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with Path(args.out).open("a") as handle:
         handle.write(json.dumps(row) + "\n")
