@@ -27,6 +27,7 @@ from trainers.shards import (
     expand_urls,
     iter_shard,
     parse_sample,
+    shard_identity,
     write_shard,
 )
 
@@ -80,6 +81,19 @@ def test_expand_urls_patterns(tmp_path, three_shards):
     ]
     assert expand_urls(f"{root}/00001.tar::{root}/00001.tar") == [three_shards[1]]
     assert expand_urls([f"file://{three_shards[0]}", Path(three_shards[1])]) == three_shards[:2]
+
+
+def test_shard_identity_names_size_and_mtime_and_changes_when_rewritten(tmp_path):
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"x" * 10)
+    os.utime(shard, ns=(1_000_000_000_123, 1_000_000_000_123))
+    assert shard_identity(str(shard)) == "00000.tar:10:1000000000123"
+    assert shard_identity(str(shard), dated=False) == "00000.tar:10"
+    assert shard_identity(str(shard), located=True) == f"{shard.resolve()}:10:1000000000123"
+    os.utime(shard, ns=(2_000_000_000_000, 2_000_000_000_000))  # rewritten in place
+    assert shard_identity(str(shard)) == "00000.tar:10:2000000000000"
+    assert shard_identity(str(shard), dated=False) == "00000.tar:10"
+    assert shard_identity("s3://bucket/00000.tar", located=True) == "s3://bucket/00000.tar"
 
 
 def test_expand_urls_passes_remote_urls_through():

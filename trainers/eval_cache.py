@@ -24,19 +24,10 @@ from pathlib import Path
 import torch
 
 from trainers.loaders import EvalSet, Preprocess, Tokenizer, load_eval_set
-from trainers.shards import ShardSpec, expand_urls
+from trainers.shards import ShardSpec, expand_urls, shard_identity
 
 TENSORS_FILE = "eval_set.pt"
 TEXT_FILE = "eval_set.json"
-
-
-def shard_identity(url: str) -> str:
-    """``name:size:mtime`` of a local shard (what changes when it is rewritten); the URL
-    itself for anything not on this file system."""
-    if os.path.exists(url):
-        stat = os.stat(url)
-        return f"{os.path.basename(url)}:{stat.st_size}:{int(stat.st_mtime)}"
-    return url
 
 
 def eval_cache_key(urls: ShardSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> str:

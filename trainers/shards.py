@@ -104,6 +104,21 @@ def expand_urls(spec: ShardSpec) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def shard_identity(url: str, *, located: bool = False, dated: bool = True) -> str:
+    """What a cache key records of one shard. For a local file: its base name (its absolute
+    path when ``located``: a cache of these very files), its size and, when ``dated``, its
+    mtime in ns (rewritten in place = new); the URL itself for anything not on this file
+    system. The built-in teacher is keyed undated: the generator is deterministic, so a data
+    set regenerated with the same settings is the same data and keeps its teacher."""
+    if not os.path.exists(url):
+        return url
+    stat = os.stat(url)
+    parts = [os.path.abspath(url) if located else os.path.basename(url), str(stat.st_size)]
+    if dated:
+        parts.append(str(stat.st_mtime_ns))
+    return ":".join(parts)
+
+
 def describe_spec(spec: ShardSpec) -> str:
     """``spec`` for an error message: the pattern, or the first of a list and how many more."""
     if isinstance(spec, str | os.PathLike):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,7 @@ def teacher_config(
 
 def config_hash(cfg: DistillConfig) -> str:
     """Stable hash of everything that changes the trained weights (not where outputs go)."""
-    from trainers.shards import expand_urls
+    from trainers.shards import expand_urls, shard_identity
 
     # Settings of distillation pairs the CLIP loss never reads stay out, so adding one to
     # DistillConfig does not orphan every trained teacher.
@@ -86,17 +85,11 @@ def config_hash(cfg: DistillConfig) -> str:
         mode="json",
         exclude={"out_dir", "torch_threads", "loader_workers", "eval_cache", *unused},
     )
-    fields["train_shards"] = [_identity(p) for p in expand_urls(cfg.train_shards)]
-    fields["eval_shards"] = [_identity(p) for p in expand_urls(cfg.eval_shards)]
+    shards = {"train_shards": cfg.train_shards, "eval_shards": cfg.eval_shards}
+    for key, spec in shards.items():
+        fields[key] = [shard_identity(p, dated=False) for p in expand_urls(spec)]
     text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _identity(path: str) -> str:
-    if os.path.exists(path):
-        stat = os.stat(path)
-        return f"{os.path.basename(path)}:{stat.st_size}"
-    return path
 
 
 def train_teacher(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from trainers.errors import InputError
+from trainers.shards import shard_identity
 
 TEACHER_FIELDS = ("teacher_image", "teacher_text")
 MANIFEST = "manifest.json"
@@ -44,14 +45,6 @@ class CacheManifest:
     format_version: int = FORMAT_VERSION
 
 
-def _file_digest(path: str) -> str:
-    """Identity of a shard: size + mtime for local files (cheap), the URL otherwise."""
-    if os.path.exists(path):
-        stat = os.stat(path)
-        return f"{os.path.abspath(path)}:{stat.st_size}:{int(stat.st_mtime_ns)}"
-    return path
-
-
 def teacher_fingerprint(
     teacher_model: torch.nn.Module,
     teacher_name: str,
@@ -66,7 +59,7 @@ def teacher_fingerprint(
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     for shard in shards:
-        digest.update(_file_digest(shard).encode())
+        digest.update(shard_identity(shard, located=True).encode())
     return digest.hexdigest()
 
 
