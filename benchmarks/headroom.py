@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import trainers  # noqa: F401  (torchvision compat first)
-from orchestrator.assets import ensure_builtin_data, ensure_builtin_teacher, ensure_teacher_cache
+from orchestrator.assets import ensure_builtin_data, ensure_builtin_teacher, resolve_run
 from orchestrator.config import Workspace
 from orchestrator.ray_cluster import start_local_cluster
 from trainers.distill import train_loop_per_worker
@@ -44,20 +44,20 @@ def main() -> None:
 
     workspace = Workspace()
     shards = ensure_builtin_data(workspace)
-    teacher, checkpoint, teacher_metrics = ensure_builtin_teacher(workspace, shards)
+    teacher, _, teacher_metrics = ensure_builtin_teacher(workspace, shards)
     start_local_cluster(num_cpus=2, log_to_driver=False)
     rows = [{"model": teacher, "training": "teacher (CLIP loss)", **teacher_metrics}]
     for student in args.students.split(","):
         for label, pairs in (("no distillation: inter_ss:infonce", "inter_ss:infonce"),
                              ("MoTIS: intra_ts:infonce", "intra_ts:infonce")):  # fmt: skip
-            cfg = DistillConfig(
-                pairs=pairs, student=student, teacher=teacher, teacher_checkpoint=checkpoint,
-                train_shards=shards.train, eval_shards=shards.eval, steps=args.steps,
-                eval_every=args.steps, batch_size=args.batch_size, torch_threads=2,
+            # The product's own path fills in data, teacher, teacher cache and eval cache.
+            cfg = resolve_run(
+                DistillConfig(pairs=pairs, student=student, steps=args.steps,
+                              eval_every=args.steps, batch_size=args.batch_size,
+                              torch_threads=2),
+                workspace,
+                use_teacher_cache=True,
             )  # fmt: skip
-            if cfg.needs_teacher:
-                cache = ensure_teacher_cache(cfg, workspace)
-                cfg = cfg.model_copy(update={"teacher_cache": str(cache)})
             started = time.time()
             metrics = train(cfg)
             rows.append({"model": student, "training": label, **metrics,
