@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -27,6 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from orchestrator.scoped_env import scoped_env
 from trainers.errors import InputError
 
 if TYPE_CHECKING:
@@ -275,19 +274,9 @@ def log_summary_artifact(tracking_uri: str, experiment: str, path: str | Path) -
     return run_id
 
 
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
+def _no_progress_bar() -> contextlib.AbstractContextManager[None]:
     # MLflow draws a tqdm bar per download: one per run would bury the table's output.
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+    return scoped_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def read_eval_ranks(

@@ -9,12 +9,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.scoped_env import scoped_env
 from trainers.run_config import DistillConfig
 
 # Ray Train's controller polls its workers this often (Ray's default is 2 s): a trial's last
@@ -150,8 +151,7 @@ def make_torch_trainer(
     )
 
 
-@contextlib.contextmanager
-def start_timeout_env(scaling: ScalingSpec) -> Iterator[None]:
+def start_timeout_env(scaling: ScalingSpec) -> contextlib.AbstractContextManager[None]:
     """``START_TIMEOUT_ENV`` set to ``scaling``'s attempt while the block runs, then restored.
 
     Ray Train reads the variable from this process's environment when ``fit()`` starts the
@@ -159,15 +159,7 @@ def start_timeout_env(scaling: ScalingSpec) -> Iterator[None]:
     after trial: a value left behind by one trial would pass for the user's at the next.
     """
     attempt_s, _ = scaling.start_attempts()
-    before = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = str(attempt_s)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = before
+    return scoped_env(START_TIMEOUT_ENV, str(attempt_s))
 
 
 def fit_or_raise(trainer, scaling: ScalingSpec) -> Any:
