@@ -29,6 +29,11 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # read by ray.dashboard.utils before 
 # cannot be filtered, so local clusters start with a concurrency of at least 4.
 STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
 STARTUP_CONCURRENCY = 4
+# Ray Train starts a PreemptionWatcher actor per worker group (one more process per trial,
+# polling the GCS every 5 s) to notice nodes a cloud is about to take away. A local cluster is
+# this one machine: nothing can preempt it, so its trials start without one. Clusters joined
+# with --address keep Ray's default; a user's own value wins everywhere.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def free_port() -> int:
@@ -89,6 +94,8 @@ def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = True)
     settings = {API_SERVER_ENV: f"http://127.0.0.1:{port}"}
     if STARTUP_CONCURRENCY_ENV not in os.environ:
         settings[STARTUP_CONCURRENCY_ENV] = str(max(STARTUP_CONCURRENCY, num_cpus or 0))
+    if PREEMPTION_WATCHER_ENV not in os.environ:
+        settings[PREEMPTION_WATCHER_ENV] = "0"
     previous = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
     try:

@@ -119,8 +119,8 @@ def make_torch_trainer(
     DDP uses gloo on CPU and nccl on GPU (Ray's TorchConfig default).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from orchestrator.lean_trainer import LeanTorchTrainer
     from trainers.distill import train_loop_per_worker
 
     # Read by fit() in this process and passed on to the controller; a user's value wins.
@@ -129,7 +129,7 @@ def make_torch_trainer(
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))
-    return TorchTrainer(
+    return LeanTorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(
