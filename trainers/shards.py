@@ -336,6 +336,17 @@ def iter_samples(
 # --------------------------------------------------------------------------- writing
 
 
+def tar_writer(stream: Any) -> wds.TarWriter:
+    """A TarWriter for shards every loader reads: raw bytes per extension (no encoding),
+    fixed owner, mode and mtime, and plain ustar headers. Tar's default here is pax, whose
+    extra header per member (for a fractional mtime) makes reading a member about twice the
+    work; img2dataset's names fit ustar."""
+    writer = wds.TarWriter(stream, user="", group="", mode=0o644, encoder=False, mtime=0.0)
+    # TarWriter accepts a format but does not pass it on.
+    writer.tarstream.format = tarfile.USTAR_FORMAT
+    return writer
+
+
 def write_shard(path: Path, samples: Iterable[Mapping[str, Any]]) -> int:
     """Write ``samples`` (``__key__`` plus extension -> bytes) as one tar, reproducibly (fixed
     mtime and owner, members sorted by extension) and atomically (a partial shard never
@@ -343,15 +354,10 @@ def write_shard(path: Path, samples: Iterable[Mapping[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     count = 0
-    with open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream, user="", group="", mode=0o644, encoder=False, mtime=0.0)
-        # TarWriter accepts a format but does not pass it on; plain ustar headers are smaller
-        # and faster than pax, and img2dataset's names fit them.
-        writer.tarstream.format = tarfile.USTAR_FORMAT
-        with writer:
-            for sample in samples:
-                writer.write(dict(sample))
-                count += 1
+    with open(tmp, "wb") as stream, tar_writer(stream) as writer:
+        for sample in samples:
+            writer.write(dict(sample))
+            count += 1
     tmp.replace(path)
     return count
 

@@ -114,7 +114,7 @@ def encode_shard(
     import webdataset as wds
 
     from trainers.models import load_model
-    from trainers.shards import BadSample, SampleError, iter_shard, parse_sample
+    from trainers.shards import BadSample, SampleError, iter_shard, parse_sample, tar_writer
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -139,7 +139,7 @@ def encode_shard(
         counts["samples"] += len(pending)
         pending.clear()
 
-    with wds.TarWriter(partial) as writer:
+    with open(partial, "wb") as stream, tar_writer(stream) as writer:
         for raw in iter_shard(shard):
             if isinstance(raw, BadSample):
                 counts["skipped"] += 1
