@@ -4,6 +4,7 @@ cache against a live teacher forward. Everything runs on real shards and real mo
 from __future__ import annotations
 
 import math
+import tarfile
 import time
 
 import numpy as np
@@ -251,6 +252,11 @@ def test_cached_teacher_embeddings_equal_a_live_forward(
         tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "cache"
     )
     assert manifest.samples == 600 and manifest.skipped == 0
+    # Written as the data shards are: ustar headers (no pax header per member), fixed mtime.
+    with tarfile.open(tmp_path / "cache" / manifest.cache_shards[0]) as tar:
+        members = tar.getmembers()
+    assert len(members) == 5 * 200
+    assert {m.mtime for m in members} == {0} and not any(m.pax_headers for m in members)
     teacher = load_model(tiny_teacher.name, tiny_teacher.checkpoint)
     teacher.model.eval()
     shards = cache_shards(tmp_path / "cache", train, teacher)
@@ -333,3 +339,36 @@ def test_process_started_unix_brackets_a_fresh_process():
     # /proc counts in clock ticks (1/100 s here) and boot time in whole seconds.
     assert before - 1.01 <= started <= spawned + 0.02
     assert started < now
+
+
+def test_teacher_hash_follows_the_model_config_behind_the_name(tmp_path):
+    """A cached teacher is reused only for the same architecture and initial temperature: the
+    same name with an edited config (a new release of the built-in teacher) trains anew."""
+    import json
+    import tarfile
+
+    import open_clip
+
+    from trainers.models import CONFIG_DIR
+    from trainers.teacher import config_hash, teacher_config
+
+    for split in ("train", "eval"):
+        (tmp_path / split).mkdir()
+        with tarfile.open(tmp_path / split / "00000.tar", "w"):
+            pass
+    base = json.loads((CONFIG_DIR / "conaclip-teacher.json").read_text())
+    cfg = teacher_config(str(tmp_path / "train"), str(tmp_path / "eval"), name="hash-probe")
+    hashes = []
+    for scale in (2.6593, 3.4012, None):
+        config = dict(base)
+        if scale is None:
+            config.pop("init_logit_scale", None)
+        else:
+            config["init_logit_scale"] = scale
+        registry = tmp_path / f"registry-{len(hashes)}"
+        registry.mkdir()
+        (registry / "hash-probe.json").write_text(json.dumps(config))
+        open_clip.add_model_config(registry)
+        hashes.append(config_hash(cfg))
+    assert len(set(hashes)) == 3
+    assert config_hash(cfg) == hashes[-1]  # stable for one config

@@ -71,7 +71,12 @@ def teacher_config(
 
 
 def config_hash(cfg: DistillConfig) -> str:
-    """Stable hash of everything that changes the trained weights (not where outputs go)."""
+    """Stable hash of everything that changes the trained weights (not where outputs go): the
+    run's settings, the shards, and the open_clip config ``cfg.student`` names (its
+    architecture and initial temperature), so an edited config never reuses old weights."""
+    import open_clip
+
+    from trainers.models import register_builtin_configs
     from trainers.shards import expand_urls, shard_identity
 
     # Settings of distillation pairs the CLIP loss never reads stay out, so adding one to
@@ -88,6 +93,8 @@ def config_hash(cfg: DistillConfig) -> str:
     shards = {"train_shards": cfg.train_shards, "eval_shards": cfg.eval_shards}
     for key, spec in shards.items():
         fields[key] = [shard_identity(p, dated=False) for p in expand_urls(spec)]
+    register_builtin_configs()
+    fields["model_config"] = open_clip.get_model_config(cfg.student)
     text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
