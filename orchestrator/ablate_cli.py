@@ -36,6 +36,7 @@ from orchestrator.run_lock import exclusive_ablation
 from trainers.errors import InputError
 
 RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
+INTERRUPTED_EXIT = 130  # what a shell reports for a command stopped by Ctrl-C
 RACE_MAX_SEEDS = 5
 
 
@@ -183,12 +184,15 @@ def print_race_plan(spec: AblationSpec) -> None:
 
 
 def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
-    """Print the outcome (failed trials to stderr); 1 when a trial failed, else 0."""
+    """Print the outcome (failed trials to stderr); 130 when interrupted (as a shell reports
+    Ctrl-C), 1 when a trial failed, else 0."""
     summary, failures = outcome_summary(outcome, spec)
     print(summary)
     for line in failures:
         print(line, file=sys.stderr)
-    return 1 if failures else 0
+    if outcome.interrupted:
+        return INTERRUPTED_EXIT
+    return 1 if outcome.failed else 0
 
 
 def _resume_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool, bool]:
@@ -259,7 +263,8 @@ def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved
         _say(f"greedy ablation {spec.name}: round 1 has {spec.trial_count} trials")
         outcome = run_greedy(spec, start)
         code = summarize(outcome, spec)
-        print(f"greedy selection: {outcome.final.key() if outcome.final else '-'}")
+        if not outcome.interrupted:
+            print(f"greedy selection: {outcome.final.key() if outcome.final else '-'}")
         return code
     _say(f"ablation {spec.name}: {spec.trial_count} trials -> {spec.out_dir}")
     outcome = resume_ablation(spec, _say) if args.resume else run_ablation(spec)
@@ -288,10 +293,11 @@ def _race(spec: AblationSpec) -> int:
     _say(f"race {spec.name}: {len(spec.pair_sets)} pair sets from {spec.race.start_seeds} to at "
          f"most {spec.race.max_seeds} seeds -> {spec.out_dir}")  # fmt: skip
     result = run_race(spec)
-    outcome = AblationOutcome(spec.name, trials=result.trials)
+    outcome = AblationOutcome(spec.name, trials=result.trials, interrupted=result.interrupted)
     code = summarize(outcome, spec)
-    for line in verdict_lines(result):
-        print(line)
+    if not result.interrupted:
+        for line in verdict_lines(result):
+            print(line)
     return code
 
 
@@ -312,7 +318,8 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         help="seed racing (needs a baseline): round 1 runs every pair set at --seeds seeds; "
         "after each round a cell leaves the race when its verdict is 'worse' than the "
         "baseline, its 95%% interval lies below the leader's, or F-Race's Friedman/Conover "
-        "test over seeds ranks it below the top cell; the open cells and the "
+        "test over seeds ranks it below the top cell while its mean gain over the baseline "
+        "is not positive (a cell ahead of the baseline races on); the open cells and the "
         "baseline get one more seed, until it is settled or --max-seeds. Each round is a Tune "
         "run <name>-round<k> in the one MLflow experiment <name>; trials already FINISHED "
         "there are skipped, so re-running or --resume finishes an interrupted race",
@@ -412,6 +419,8 @@ def _demo(args: argparse.Namespace) -> int:
     spec = resolve_spec(spec, workspace_of(ablate_args), use_cache)
     _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")
     code = summarize(run_ablation(spec), spec)
+    if code == INTERRUPTED_EXIT:  # no verdict from trials that did not run
+        return code
     out = Path(args.out)
     source = reports.ReportSource(out, spec.name, spec.tracking_uri)
     options = reports.TableOptions()

@@ -30,6 +30,7 @@ from orchestrator.ablation_spec import default_name as default_name
 from orchestrator.ablation_spec import load_spec as load_spec
 from orchestrator.ablation_spec import resolve_spec as resolve_spec
 from orchestrator.run_params import trial_params
+from orchestrator.scoped_env import scoped_env
 from orchestrator.trial import distill_trial
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
@@ -128,20 +129,34 @@ class AblationOutcome:
     name: str
     trials: list[TrialOutcome] = field(default_factory=list)
     final: PairSet | None = None  # greedy: the selected set
+    # Tune stopped on SIGINT (Ctrl-C) with trials neither done nor failed: they are
+    # "INTERRUPTED", and what they would have decided (a table, a race round) is not decided.
+    interrupted: bool = False
+
+    @property
+    def finished(self) -> list[TrialOutcome]:
+        return [t for t in self.trials if t.status == "FINISHED"]
 
     @property
     def failed(self) -> list[TrialOutcome]:
-        return [t for t in self.trials if t.status != "FINISHED"]
+        return [t for t in self.trials if t.status == "FAILED"]
 
 
 def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, list[str]]:
-    """(one line: trials finished and where MLflow has them, one line per failed trial)."""
-    finished = len(outcome.trials) - len(outcome.failed)
+    """(one line: trials finished and where MLflow has them, one line per failed trial, and
+    for an interrupted ablation the command that finishes it)."""
     line = (
-        f"ablation {spec.name}: {finished}/{len(outcome.trials)} trials finished; "
-        f"MLflow: {spec.tracking_uri} (experiment {spec.name})"
+        f"ablation {spec.name}: {len(outcome.finished)}/{len(outcome.trials)} trials finished; "
+        f"MLflow: {spec.tracking_uri} (experiment {spec.experiment_name})"
     )
     failures = [f"FAILED {t.pair_set} seed {t.seed}: {t.error}" for t in outcome.failed]
+    if outcome.interrupted:
+        left = len(outcome.trials) - len(outcome.finished) - len(outcome.failed)
+        failures.append(
+            f"interrupted: {left} trial(s) did not finish; finished trials are kept in MLflow, "
+            f"and `conaclip ablate --resume --out {spec.out_dir} --name {spec.experiment_name}` "
+            "runs the rest"
+        )
     return line, failures
 
 
@@ -240,7 +255,17 @@ def run_ablation(
     """Fit (or restore and finish) the ablation; never raises on trial errors. ``callbacks``:
     more Tune callbacks for a fresh run (benchmarks time trials with one)."""
     save_spec(spec)
-    return _outcome(spec, _tuner(spec, resume, callbacks).fit())
+    return _outcome(spec, _fit(spec, _tuner(spec, resume, callbacks)))
+
+
+def _fit(spec: AblationSpec, tuner: Any) -> Any:
+    """``tuner.fit()``; without ``tune_output`` under Tune's legacy output engine, which at
+    verbosity 0 prints nothing: the new engine prints its configuration box and result paths
+    even then, in the middle of the live view."""
+    if spec.tune_output:
+        return tuner.fit()
+    with scoped_env("RAY_AIR_NEW_OUTPUT", "0"):
+        return tuner.fit()
 
 
 def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
@@ -263,7 +288,7 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
                 "resuming from the MLflow runs")  # fmt: skip
         else:
             save_spec(spec)
-            return _outcome(spec, tuner.fit())
+            return _outcome(spec, _fit(spec, tuner))
     else:
         say(f"resume: no Tune state at {path}; resuming from the MLflow runs")
     runs = tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
@@ -291,12 +316,27 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
 
 
 def _outcome(spec: AblationSpec, results) -> AblationOutcome:
+    from orchestrator.race import FINISHED, INTERRUPTED
     from orchestrator.trial import error_reason
 
     outcome = AblationOutcome(spec.name)
+    # Tune returns normally after SIGINT, holding only the trials it had created, some of them
+    # neither ended nor failed; MLflow (the ledger) then says which trials did finish.
+    expected = spec.trial_list()
+    ended = results.num_terminated + results.num_errors
+    done: set[tuple[str, int]] | None = None
+    if ended < len(results) or len(results) < len(expected):
+        from orchestrator import tracking
+        from orchestrator.race import finished_trials
+
+        outcome.interrupted = True
+        done = finished_trials(tracking.runs_frame(spec.tracking_uri, spec.experiment_name))
     for result in results:
         config = result.config or {}
         status = "FAILED" if result.error else "FINISHED"
+        if not result.error and done is not None:
+            trial = (config.get("pair_set", "?"), config.get("seed", -1))
+            status = "FINISHED" if trial in done else INTERRUPTED
         error = None
         if result.error:
             error = f"{error_reason(result.error)}; details in {result.path}/error.txt"
@@ -305,6 +345,13 @@ def _outcome(spec: AblationSpec, results) -> AblationOutcome:
                 config.get("pair_set", "?"), config.get("seed", -1), status, str(result.path), error
             )
         )
+    if outcome.interrupted:  # trials Tune never started are unfinished too
+        seen = {(t.pair_set, t.seed) for t in outcome.trials}
+        outcome.trials += [
+            TrialOutcome(name, seed, FINISHED if (name, seed) in (done or ()) else INTERRUPTED, "")
+            for name, seed in expected
+            if (name, seed) not in seen
+        ]
     return outcome
 
 
@@ -323,7 +370,11 @@ def run_greedy(spec: AblationSpec, baseline: PairSet, max_rounds: int = 20) -> A
             update={"name": f"{spec.name}-round{round_number}", "experiment": spec.name,
                     "pair_sets": pair_sets, "round": round_number}
         )  # fmt: skip
-        outcome.trials += run_ablation(round_spec).trials
+        round_outcome = run_ablation(round_spec)
+        outcome.trials += round_outcome.trials
+        if round_outcome.interrupted:  # a round cut short decides nothing
+            outcome.interrupted = True
+            return outcome
         runs = tracking.runs_frame(spec.tracking_uri, spec.name)
         chosen = selection.greedy_next(table.selection_table(runs), current)
         if chosen is None:

@@ -117,16 +117,19 @@ def ensure_teacher_cache(cfg: DistillConfig, workspace: Workspace) -> Path:
     checkpoint_tag = Path(cfg.teacher_checkpoint).parent.name if cfg.teacher_checkpoint else "init"
     shard_tag = Path(str(cfg.train_shards)).parent.name or "shards"
     directory = workspace.cache_dir / f"{cfg.teacher}-{checkpoint_tag}-{shard_tag}"
-    bar = tqdm(total=None, desc="teacher cache (shards)", unit="shard", file=sys.stderr)
+    bar: tqdm | None = None
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        nonlocal bar
+        if bar is None:  # only a build reports progress: a reused cache draws no empty bar
+            bar = tqdm(total=total, desc="teacher cache", unit="shard", file=sys.stderr)
+        bar.update(done - bar.n)
 
     manifest = build_teacher_cache(
         cfg.teacher, cfg.teacher_checkpoint, cfg.train_shards, directory, progress=progress
     )
-    bar.close()
-    _say(f"teacher cache: {manifest.samples} samples in {directory}")
+    if bar is not None:
+        bar.close()
+    verb = "built" if bar is not None else "reusing"
+    _say(f"teacher cache: {verb} {manifest.samples} samples in {directory}")
     return directory

@@ -32,9 +32,11 @@ from orchestrator.race_rules import ranked_seeds as ranked_seeds
 from trainers.errors import InputError
 
 FINISHED = "FINISHED"
+INTERRUPTED = "INTERRUPTED"  # a TrialOutcome's status when Ctrl-C stopped its Tune run
 
 Trial = tuple[str, int]  # (pair set name, seed)
-# Launches a round's trials; returns what happened to each (orchestrator.ablation.TrialOutcome).
+# Launches a round's trials; returns what happened to each (orchestrator.ablation.TrialOutcome;
+# status FINISHED, FAILED or INTERRUPTED).
 Launcher = Callable[[int, list[Trial]], list[Any]]
 
 
@@ -63,6 +65,8 @@ class RaceResult:
     rounds: list[RaceRound] = field(default_factory=list)
     verdict: RaceVerdict | None = None
     trials: list[Any] = field(default_factory=list)
+    # A round stopped by Ctrl-C: the race ends there, undecided (no verdict), resumable.
+    interrupted: bool = False
 
     @property
     def asked(self) -> set[Trial]:
@@ -90,6 +94,7 @@ class RaceResult:
             "trials": len(self.asked),
             "spent_steps": self.spent_steps,
             "full_steps": self.full_steps,
+            "interrupted": self.interrupted,
         }
 
 
@@ -260,6 +265,14 @@ def race_loop(
             outcomes = launch(number, missing)
             result.trials += outcomes
             tried.update(missing)
+            cut = [t for t in outcomes if getattr(t, "status", None) == INTERRUPTED]
+            if cut:
+                # Deciding on a round cut short would drop or keep cells on the seeds that
+                # happened to finish: stop here; re-running the race resumes this round.
+                result.interrupted = True
+                say(f"race round {number}: interrupted with {len(cut)} of its {len(missing)} "
+                    "trials unfinished; no cell is decided on a partial round")  # fmt: skip
+                return result
             runs = read_runs()
         visible = visible_runs(runs, limits)
         table = race_table(visible, metric, ranks(visible) if ranks else None)
@@ -350,6 +363,8 @@ def _launch_round(
         done = finished_trials(read_runs())
         wanted = set(trials)
         outcomes += [t for t in restored.trials if (t.pair_set, t.seed) in wanted & done]
+        if restored.interrupted:  # Ctrl-C again: no retry run starts behind the user's back
+            return outcomes + [t for t in restored.trials if t.status == INTERRUPTED]
         trials = [t for t in trials if t not in done]
     if not trials:
         return outcomes

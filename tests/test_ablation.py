@@ -176,8 +176,23 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     ]  # fmt: skip
     assert set(runs["params.steps"]) == {"6"}
     assert (runs["metrics.step"] == 6).all()
-    # The live line, not Tune's tables, was the progress.
-    assert "ablation: trials 3/3 done, 0 running, 0 pending" in capsys.readouterr().err
+    # The live line, not Tune's tables or its start-up box and result paths, was the progress.
+    printed = capsys.readouterr()
+    assert "ablation: trials 3/3 done, 0 running, 0 pending" in printed.err
+    for tune_says in ("Configuration for experiment", "View detailed results", "Trial status"):
+        assert tune_says not in printed.out + printed.err
+
+    # Each trial was a Ray Train run, without the two actors a local cluster has no use for
+    # (Ray Data's manager, with no datasets; the preemption watcher, with no cloud nodes).
+    @local_ray.remote(num_cpus=0)
+    def actor_classes() -> set[str]:  # in the cluster, whose processes know its state API
+        from ray.util.state import list_actors
+
+        return {actor.class_name for actor in list_actors(limit=10_000)}
+
+    classes = local_ray.get(actor_classes.remote())
+    assert {"TrainController", "RayTrainWorker"} <= classes
+    assert not classes & {"DatasetManager", "PreemptionWatcher"}
     # Every trial logged the per-query ranks of its final eval, and they are exactly what its
     # final recalls were computed from (the table's bootstrap reads them).
     for run in runs.to_dict("records"):
@@ -225,15 +240,15 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     assert report["student"]["params_total"] < report["teacher"]["params_total"]
 
 
-@pytest.mark.integration
-@pytest.mark.faults
-def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
-    """SIGKILL the ablation driver after one trial finished; --resume finishes the rest and
-    MLflow ends with exactly one FINISHED run per trial."""
+def _signal_after_one_trial(tiny_shapes, tiny_teacher, tmp_path, name: str, sig: int):
+    """Run the smoke ablation ``name`` as a driver process (12 steps, one trial at a time),
+    send it ``sig`` once MLflow has one FINISHED run, and wait for it to end. Returns (its exit
+    code, what it printed, its --out, the MLflow URI, the FINISHED run ids before the signal).
+    The driver's own local Ray cluster is ended by PID afterwards."""
     out = tmp_path / "ablate"
     flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
     command = [sys.executable, "-m", "orchestrator.cli", "ablate", "--preset", "smoke",
-               "--out", str(out), "--name", "killed", "--steps", "12", "--eval-every", "3",
+               "--out", str(out), "--name", name, "--steps", "12", "--eval-every", "3",
                "--max-concurrent-trials", "1", *flags]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "driver.log"
@@ -249,11 +264,11 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
             children = sorted(set(children) | set(descendant_pids(driver.pid)))
             if driver.poll() is not None:
                 tail = log.read_text()[-3000:]
-                pytest.fail(f"driver ended (rc {driver.returncode}) before it was killed:\n{tail}")
-            if "ablation killed:" not in log.read_text():
+                pytest.fail(f"driver ended (rc {driver.returncode}) before the signal:\n{tail}")
+            if f"ablation {name}:" not in log.read_text():
                 continue  # the driver has not finished creating the MLflow store yet
             try:
-                runs = finished_runs(uri, "killed")
+                runs = finished_runs(uri, name)
                 done = int((runs["tags.conaclip.status"] == "FINISHED").sum())
             except Exception:  # no run (so no status column) yet
                 continue
@@ -262,19 +277,29 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
         else:
             pytest.fail("no trial finished in time")
         children = sorted(set(children) | set(descendant_pids(driver.pid)))
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        driver.send_signal(sig)
+        code = driver.wait(timeout=180)
     finally:
-        # The driver's own local Ray cluster: end exactly those processes, by PID.
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     done_before = set(runs.loc[runs["tags.conaclip.status"] == "FINISHED", "run_id"])
+    return code, log.read_text(), out, uri, done_before
 
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
+    """SIGKILL the ablation driver after one trial finished; --resume finishes the rest and
+    MLflow ends with exactly one FINISHED run per trial."""
+    _, _, out, uri, done_before = _signal_after_one_trial(
+        tiny_shapes, tiny_teacher, tmp_path, "killed", signal.SIGKILL
+    )
     resume = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "ablate", "--resume", "--out", str(out),
          "--name", "killed"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert resume.returncode == 0, resume.stderr[-3000:]
     runs = finished_runs(uri, "killed")
@@ -282,6 +307,23 @@ def test_resume_after_the_driver_is_killed(tiny_shapes, tiny_teacher, tmp_path):
     assert list(runs["tags.conaclip.status"]) == ["FINISHED"] * 3
     assert (runs["metrics.step"] == 12).all()
     assert done_before <= set(runs["run_id"])
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_ctrl_c_ends_the_ablation_as_interrupted_not_as_done(tiny_shapes, tiny_teacher, tmp_path):
+    """SIGINT (Ctrl-C) after one trial finished: Tune stops and returns normally, and conaclip
+    says the ablation was interrupted (exit 130, the resume command), keeps the finished run
+    in MLflow and counts no unfinished trial as finished."""
+    code, printed, out, uri, _ = _signal_after_one_trial(
+        tiny_shapes, tiny_teacher, tmp_path, "ctrlc", signal.SIGINT
+    )
+    assert code == 130, printed[-3000:]
+    finished = int((finished_runs(uri, "ctrlc")["tags.conaclip.status"] == "FINISHED").sum())
+    assert 1 <= finished < 3
+    assert f"ablation ctrlc: {finished}/3 trials finished" in printed
+    assert f"interrupted: {3 - finished} trial(s) did not finish" in printed
+    assert f"conaclip ablate --resume --out {out} --name ctrlc" in printed
 
 
 @pytest.mark.integration

@@ -327,6 +327,30 @@ def test_race_loop_launches_only_what_the_ledger_lacks():
     assert result.rounds[0].launched == [] and result.rounds[1].launched == calls[0][1]
 
 
+def test_race_loop_stops_undecided_when_a_round_is_interrupted():
+    from orchestrator.ablation import TrialOutcome
+
+    ledger = grid_runs({"base": [90, 91], "a": [95, 96], "b": [80, 81], "c": [93, 97]})
+    said: list[str] = []
+    calls: list[int] = []
+
+    def launch(number, trials):  # Ctrl-C during the round: Tune stopped every trial
+        calls.append(number)
+        return [TrialOutcome(name, seed, race.INTERRUPTED, "", None) for name, seed in trials]
+
+    result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
+                            say=said.append)  # fmt: skip
+    # Round 1 is decided from the ledger (b dropped); round 2's three trials were cut short,
+    # so nothing after it runs and no verdict is drawn from seeds that happened to finish.
+    assert calls == [2] and len(result.rounds) == 1
+    assert result.interrupted and result.verdict is None
+    assert said[-1] == (
+        "race round 2: interrupted with 3 of its 3 trials unfinished; no cell is decided on a "
+        "partial round"
+    )
+    assert result.as_dict()["interrupted"] is True
+
+
 def test_replay_needs_every_run_the_race_asks_for():
     runs = grid_runs({"base": [90, 91, 92], "a": [95, 96], "b": [80, 81, 82], "c": [93, 97, 90]})
     with pytest.raises(InputError, match="no FINISHED run of a seed 2: not a full grid"):
