@@ -44,6 +44,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     },
     # FLIP-style: half the image patches dropped at random in training (none at eval)
     "pd50": {"vision_cfg": {"patch_dropout": 0.5}},
+    # the image tower pools by averaging its patch tokens instead of reading a class token
+    "avgpool": {"vision_cfg": {"pool_type": "avg"}},
+    # the contrastive temperature starts at 1/30, 1/50 or 1/100 instead of CLIP's 1/14.3
+    # (still learned; the loop clamps the logit scale at 100)
+    "ls30": {"init_logit_scale": 3.4012},
+    "ls50": {"init_logit_scale": 3.912},
+    "ls100": {"init_logit_scale": 4.6052},
     "resnet64": {
         "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
     },
@@ -75,6 +82,12 @@ def main() -> None:
         "order, so a minimal-edit scene shares a batch with the scene it edits",
     )
     parser.add_argument(
+        "--grad-clip", type=float, default=None, help="default: the product's; 0 turns it off"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the demo's)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: the product's")
+    parser.add_argument(
         "--eval-every", type=int, default=None, help="also evaluate every N steps (the curve)"
     )
     parser.add_argument("--out", default="runs/bench/teacher_budget.jsonl")
@@ -87,16 +100,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / f"{name}.json").write_text(json.dumps(candidate_config(args.candidate)))
         open_clip.add_model_config(work)
-        overrides: dict[str, Any] = {"out_dir": str(Path(work) / "run"), "torch_threads": 2}
+        overrides: dict[str, Any] = {
+            "out_dir": str(Path(work) / "run"),
+            "torch_threads": args.threads,
+        }
         if args.shuffle_buffer is not None:
             overrides["shuffle_buffer"] = args.shuffle_buffer
         if args.eval_every is not None:
             overrides["eval_every"] = args.eval_every
         if args.warmup is not None:
             overrides["warmup_steps"] = args.warmup
+        if args.grad_clip is not None:
+            overrides["grad_clip"] = args.grad_clip or None
+        if args.weight_decay is not None:
+            overrides["weight_decay"] = args.weight_decay
         cfg = teacher_config(
             shards.train, shards.eval, name=name, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, **overrides,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, **overrides,
         )  # fmt: skip
         reports: list[dict[str, Any]] = []
         started = time.time()
@@ -110,6 +130,10 @@ def main() -> None:
         "lr": args.lr,
         "warmup_steps": cfg.warmup_steps,
         "shuffle_buffer": cfg.shuffle_buffer,
+        "grad_clip": cfg.grad_clip,
+        "threads": args.threads,
+        "seed": args.seed,
+        "weight_decay": cfg.weight_decay,
         "wall_s": round(wall, 1),
         "train_s": round(last["train_s"], 1),
         "samples_per_s": round(args.steps * args.batch_size / last["train_s"], 1),
