@@ -29,6 +29,7 @@ from orchestrator.ablation_spec import (
     pair_sets_by_name,
     resolve_spec,
 )
+from orchestrator.cli import EXIT_INTERRUPTED
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
@@ -36,7 +37,6 @@ from orchestrator.run_lock import exclusive_ablation
 from trainers.errors import InputError
 
 RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
-INTERRUPTED_EXIT = 130  # what a shell reports for a command stopped by Ctrl-C
 RACE_MAX_SEEDS = 5
 
 
@@ -191,7 +191,7 @@ def summarize(outcome: AblationOutcome, spec: AblationSpec) -> int:
     for line in failures:
         print(line, file=sys.stderr)
     if outcome.interrupted:
-        return INTERRUPTED_EXIT
+        return EXIT_INTERRUPTED
     return 1 if outcome.failed else 0
 
 
@@ -419,7 +419,7 @@ def _demo(args: argparse.Namespace) -> int:
     spec = resolve_spec(spec, workspace_of(ablate_args), use_cache)
     _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")
     code = summarize(run_ablation(spec), spec)
-    if code == INTERRUPTED_EXIT:  # no verdict from trials that did not run
+    if code == EXIT_INTERRUPTED:  # no verdict from trials that did not run
         return code
     out = Path(args.out)
     source = reports.ReportSource(out, spec.name, spec.tracking_uri)

@@ -29,6 +29,7 @@ from orchestrator.ablation_spec import RaceSettings as RaceSettings
 from orchestrator.ablation_spec import default_name as default_name
 from orchestrator.ablation_spec import load_spec as load_spec
 from orchestrator.ablation_spec import resolve_spec as resolve_spec
+from orchestrator.race import FAILED, FINISHED, INTERRUPTED
 from orchestrator.run_params import trial_params
 from orchestrator.scoped_env import scoped_env
 from orchestrator.trial import distill_trial
@@ -135,11 +136,11 @@ class AblationOutcome:
 
     @property
     def finished(self) -> list[TrialOutcome]:
-        return [t for t in self.trials if t.status == "FINISHED"]
+        return [t for t in self.trials if t.status == FINISHED]
 
     @property
     def failed(self) -> list[TrialOutcome]:
-        return [t for t in self.trials if t.status == "FAILED"]
+        return [t for t in self.trials if t.status == FAILED]
 
 
 def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, list[str]]:
@@ -316,7 +317,6 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
 
 
 def _outcome(spec: AblationSpec, results) -> AblationOutcome:
-    from orchestrator.race import FINISHED, INTERRUPTED
     from orchestrator.trial import error_reason
 
     outcome = AblationOutcome(spec.name)
@@ -327,16 +327,16 @@ def _outcome(spec: AblationSpec, results) -> AblationOutcome:
     done: set[tuple[str, int]] | None = None
     if ended < len(results) or len(results) < len(expected):
         from orchestrator import tracking
-        from orchestrator.race import finished_trials
+        from orchestrator.race import finished_trials  # the race reads the ledger the same way
 
         outcome.interrupted = True
         done = finished_trials(tracking.runs_frame(spec.tracking_uri, spec.experiment_name))
     for result in results:
         config = result.config or {}
-        status = "FAILED" if result.error else "FINISHED"
+        status = FAILED if result.error else FINISHED
         if not result.error and done is not None:
             trial = (config.get("pair_set", "?"), config.get("seed", -1))
-            status = "FINISHED" if trial in done else INTERRUPTED
+            status = FINISHED if trial in done else INTERRUPTED
         error = None
         if result.error:
             error = f"{error_reason(result.error)}; details in {result.path}/error.txt"
@@ -345,10 +345,10 @@ def _outcome(spec: AblationSpec, results) -> AblationOutcome:
                 config.get("pair_set", "?"), config.get("seed", -1), status, str(result.path), error
             )
         )
-    if outcome.interrupted:  # trials Tune never started are unfinished too
+    if done is not None:  # interrupted: trials Tune never started are unfinished too
         seen = {(t.pair_set, t.seed) for t in outcome.trials}
         outcome.trials += [
-            TrialOutcome(name, seed, FINISHED if (name, seed) in (done or ()) else INTERRUPTED, "")
+            TrialOutcome(name, seed, FINISHED if (name, seed) in done else INTERRUPTED, "")
             for name, seed in expected
             if (name, seed) not in seen
         ]

@@ -18,6 +18,7 @@ from trainers.errors import InputError
 from trainers.run_config import describe_validation_error
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C
 
 Registrar = Callable[[argparse._SubParsersAction], None]
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("conaclip: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from orchestrator.race_rules import leader_of as leader_of
 from orchestrator.race_rules import ranked_seeds as ranked_seeds
 from trainers.errors import InputError
 
-FINISHED = "FINISHED"
-INTERRUPTED = "INTERRUPTED"  # a TrialOutcome's status when Ctrl-C stopped its Tune run
+# A TrialOutcome's status (orchestrator.ablation); INTERRUPTED: Ctrl-C stopped its Tune run.
+FINISHED, FAILED, INTERRUPTED = "FINISHED", "FAILED", "INTERRUPTED"
 
 Trial = tuple[str, int]  # (pair set name, seed)
 # Launches a round's trials; returns what happened to each (orchestrator.ablation.TrialOutcome;
