@@ -204,7 +204,7 @@ def test_tracking_server_outage_mid_ablation_loses_no_metric(
         _wait_for_step(server.uri, name, 5)
         server.stop()
         outage.append(time.time())
-        time.sleep(30)
+        time.sleep(20)  # several reports long: trial 1 has 25 steps to go, 5 per report
         server.start()
         outage.append(time.time())
 
