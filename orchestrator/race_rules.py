@@ -13,6 +13,9 @@ and a ``verdict``); they read no MLflow and launch nothing, so a live race, a re
   test with seeds as blocks, then Conover's comparison of its rank sum with the top one) and
   its mean paired gain is not above the baseline's (a cell ahead of the baseline may still be
   significantly better: the verdict's set of better cells is the combined recipe);
+- drop it as futile when its mean paired gain, with the spread its seeds show, would not be
+  significant even at ``--max-seeds`` seeds (a planning projection: the observed mean and
+  spread taken as true, uncorrected, which is Holm's most lenient step);
 - keep it otherwise.
 
 ``verdict_of`` turns the last table into a ``RaceVerdict`` (winner, leader, better, worse). The
@@ -144,6 +147,28 @@ def ranked_seeds(
     return kept, [str(s) for s in seeds], values
 
 
+def _futile(row: dict[str, Any] | None, max_seeds: int, alpha: float) -> str | None:
+    """Why the cell of ``row`` cannot reach a verdict by ``max_seeds`` seeds, or None.
+
+    Futile: even if its mean paired gain and their spread stayed what they are now, the
+    paired t-test at ``max_seeds`` seeds would not clear ``alpha`` uncorrected
+    (``stats.seeds_needed`` with a family of one). Uncorrected is Holm's most lenient step, so
+    a cell below it can become neither better nor worse after the correction either. Needs a
+    gain over at least 2 seeds with a finite spread (else None: nothing is known yet)."""
+    if row is None:
+        return None
+    n = row.get("gain_n")
+    mean, std = _num(row, "gain_mean"), _num(row, "gain_std")
+    if n is None or pd.isna(n) or int(n) < 2 or math.isnan(mean) or math.isnan(std):
+        return None
+    if stats.seeds_needed(mean, std, alpha, family=1, max_seeds=max_seeds) is not None:
+        return None
+    return (
+        f"futile: gain {mean:+.2f} ± {std:.2f} (sd) would not be significant even at "
+        f"{max_seeds} seeds"
+    )
+
+
 def decide(
     table: pd.DataFrame,
     active: Sequence[str],
@@ -171,6 +196,9 @@ def decide(
       over every racing cell, so at 2 seeds the comparison has ``k - 1`` degrees of freedom
       where a paired t-test of two cells has 1. The interval rule catches what ranks cannot
       with few cells (with 4 cells and 2 seeds Friedman's p is never below 0.11);
+    - dropped as futile (``_futile``) when, before the last round, its mean paired gain and
+      their spread over its seeds, if they held, would not make it significant even at
+      ``max_seeds`` seeds: more seeds of it cannot change the verdict, so none are spent;
     - kept otherwise, also when it has no finished run or no interval yet.
 
     The baseline is ranked with the cells (it may hold the top rank sum) but is never dropped.
@@ -228,7 +256,13 @@ def decide(
                 dropped[name] = f"rank sum {rank_sum:g} < {bar:.2f}, F-Race; gain {gain:+.2f}"
         else:
             ranking += ": not significant, nothing dropped on ranks"
+    if seeds < max_seeds:
+        for cell in survivors:
+            if cell not in dropped and (why := _futile(rows.get(cell), max_seeds, alpha)):
+                dropped[cell] = why
     kept = [c for c in survivors if c not in dropped]
+    if leader in dropped:  # futile: the lead passes to the best of what races on
+        leader = leader_of(table, kept, metric)
     dropped = {c: dropped[c] for c in active if c in dropped}  # in the order given
 
     others = [c for c in kept if c != leader]

@@ -24,13 +24,14 @@ T1, T2 = 12.706204736174698, 4.302652729749464
 
 
 def row(name, mean, low, high, verdict="open", *, baseline=False, seeds=2, gain=NAN,
-        gain_low=NAN, gain_high=NAN, p=NAN, by_seed=None):  # fmt: skip
+        gain_low=NAN, gain_high=NAN, gain_std=NAN, p=NAN, by_seed=None):  # fmt: skip
     """One table row with the columns the race reads (selection_table's contract)."""
     return {
         "rsum_by_seed": {str(s): v for s, v in enumerate(by_seed)} if by_seed else {},
         "pair_set": name, "pairs": name, "is_baseline": baseline, "seeds": seeds,
         "rsum_mean": mean, "rsum_ci_low": low, "rsum_ci_high": high,
-        "gain_n": pd.NA if baseline else seeds, "gain_mean": gain, "gain_ci_low": gain_low,
+        "gain_n": pd.NA if baseline else seeds, "gain_mean": gain, "gain_std": gain_std,
+        "gain_ci_low": gain_low,
         "gain_ci_high": gain_high, "p_seed_adj": p, "p_boot_adj": p,
         "verdict": "baseline" if baseline else verdict,
     }  # fmt: skip
@@ -92,7 +93,9 @@ def test_hand_computed_intervals_from_the_real_table_drop_the_cell_below_the_lea
     assert rows.loc["c", "rsum_ci_high"] == pytest.approx(
         93 + 1 / 3 + T2 * 3.5118845842842 / 3**0.5
     )
-    step = race.decide(t, ["a", "b", "c"], seeds=3, max_seeds=5)
+    # Far from --max-seeds, so c (gains 3, 6, -2: +2.33 +- 4.04) is not futile yet (at 5
+    # seeds it would be: test_futile_cells_leave_before_the_last_round).
+    step = race.decide(t, ["a", "b", "c"], seeds=3, max_seeds=20)
     assert step.leader == "a"
     # b: 81 + 2.4841 = 83.4841 < 93.5159 (a's low): it cannot be the best; c overlaps a.
     assert step.dropped == {"b": "rsum CI high 83.48 is below the CI low 93.52 of the leader a"}
@@ -137,6 +140,35 @@ def test_a_cell_ahead_of_the_baseline_races_on_although_ranks_rule_it_out():
     step = race.decide(t, ["a", "c"], seeds=4, max_seeds=6)
     assert step.dropped == {} and step.kept == ("a", "c")
     assert "below 8.54 cannot be the best" in step.ranking
+
+
+def test_futile_cells_leave_before_the_last_round():
+    # At 5 seeds a gain clears the uncorrected paired t-test when t_{0.975,4} * sd / sqrt(5)
+    # = 2.7764 * sd / 2.2361 = 1.2416 * sd < |mean|. a: gains 1, 3 (+2 +- 1.4142): 1.7559 < 2,
+    # races on; b: gains 1, 5 (+3 +- 2.8284): 3.5119 >= 3, futile; c the mirror image of b
+    # (-3 +- 2.8284), futile too; d ran one seed: no spread, nothing known yet.
+    wide = {"low": 60.0, "high": 120.0}
+    t = table(
+        BASE,
+        row("a", 92.0, **wide, gain=2.0, gain_std=2**0.5),
+        row("b", 93.0, **wide, gain=3.0, gain_std=8**0.5),
+        row("c", 87.0, **wide, gain=-3.0, gain_std=8**0.5),
+        row("d", 99.0, **wide, seeds=1, gain=9.0),
+    )
+    step = race.decide(t, ["a", "b", "c", "d"], seeds=2, max_seeds=5)
+    assert step.dropped == {
+        "b": "futile: gain +3.00 ± 2.83 (sd) would not be significant even at 5 seeds",
+        "c": "futile: gain -3.00 ± 2.83 (sd) would not be significant even at 5 seeds",
+    }
+    assert step.kept == ("a", "d") and step.leader == "d" and step.next_seeds == 3
+    # b led before it was found futile: the lead passes to the best cell still racing.
+    without_d = race.decide(t, ["a", "b", "c"], seeds=2, max_seeds=5)
+    assert without_d.kept == ("a",) and without_d.leader == "a"
+    # At 6 seeds b would clear it (t_{0.975,5} * 2.8284 / sqrt(6) = 2.9682 < 3): it stays.
+    assert race.decide(t, ["a", "b", "c"], seeds=2, max_seeds=6).kept == ("a", "b", "c")
+    # In the last round there is nothing left to save: no cell is dropped as futile.
+    last = race.decide(t, ["a", "b", "c"], seeds=5, max_seeds=5)
+    assert last.dropped == {} and last.stop
 
 
 def test_friedman_needs_three_rankable_cells_and_two_common_seeds():
@@ -276,26 +308,33 @@ GRID = {"base": [90, 91, 92], "a": [95, 96, 97], "b": [80, 81, 82], "c": [93, 97
 def test_replayed_race_sees_only_what_it_asked_for():
     # Round 1 (seeds 0,1; half-width T1 * 0.7071 / 1.4142 = T1 / 2 = 6.3531 at sd 0.7071):
     # a 95.5 (89.1469..101.8531) leads; b 80.5 (..86.8531) < 89.1469 is dropped;
-    # c 95 +- T1 * 2 = 69.5876..120.4124 stays. Round 2 (seeds 0..2) = the previous test.
+    # c 95 +- T1 * 2 = 69.5876..120.4124 overlaps a, but its paired gains 3 and 6 (+4.5 +-
+    # 2.1213) are futile: at 3 seeds t_{0.975,2} * 2.1213 / sqrt(3) = 5.2696 >= 4.5. a's gains
+    # are 5 and 5 (no spread): it races on. Round 2 (seeds 0..2) is base and a alone.
     lines: list[str] = []
     runs = grid_runs(GRID)
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, steps=10,
                             say=lines.append)  # fmt: skip
     first, second = result.rounds
-    assert first.step.dropped == {"b": "rsum CI high 86.85 is below the CI low 89.15 of the "
-                                       "leader a"}  # fmt: skip
-    assert first.step.kept == ("a", "c") and first.launched == []
-    assert second.seeds == 3 and second.step.stop and second.step.kept == ("a", "c")
-    assert second.planned == race.round_plan("base", ["a", "c"], 3)
-    # 4 cells x 2 seeds, then seed 2 of base, a and c: 11 of the 12 trials, b's seed 2 unseen.
-    assert len(result.asked) == 11 and ("b", 2) not in result.asked
-    assert (result.spent_steps, result.full_steps) == (110, 120)
+    assert first.step.dropped == {
+        "b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a",
+        "c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds",
+    }
+    assert first.step.kept == ("a",) and first.launched == []
+    assert second.seeds == 3 and second.step.stop and second.step.kept == ("a",)
+    assert second.planned == race.round_plan("base", ["a"], 3)
+    assert second.step.reason == "reached --max-seeds 3 with 1 cell(s) still open"
+    # 4 cells x 2 seeds, then seed 2 of base and a: 10 of the 12 trials, b's and c's seed 2
+    # unseen.
+    assert len(result.asked) == 10 and not {("b", 2), ("c", 2)} & result.asked
+    assert (result.spent_steps, result.full_steps) == (100, 120)
     assert result.verdict == race.RaceVerdict(None, "a", (), ())  # no bootstrap: all open
     assert lines[0] == (
-        "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (2/3): "
-        "a, c; dropped: b (rsum CI high 86.85 is below the CI low 89.15 of the leader a); "
-        "leader a; 1 cell(s) not yet told apart from the leader a; F-Race: Friedman p 0.145 "
-        "over 4 cells x seeds 0..1: not significant, nothing dropped on ranks"
+        "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (1/3): "
+        "a; dropped: b (rsum CI high 86.85 is below the CI low 89.15 of the leader a); c "
+        "(futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds); leader a; "
+        "the leader a is not yet told apart from the baseline; F-Race: Friedman p 0.145 over 4 "
+        "cells x seeds 0..1: not significant, nothing dropped on ranks"
     )
     # Ranks per seed: seed 0 b 1, base 2, c 3, a 4; seed 1 b 1, base 2, a 3, c 4. R = a 7,
     # c 7, base 4, b 2; A = 60, C = 2*4*25/4 = 50, T = 3 * (118 - 100) / 10 = 5.4, whose
@@ -305,8 +344,8 @@ def test_replayed_race_sees_only_what_it_asked_for():
         "better than the baseline); better: -; worse: -"
     )
     assert race.verdict_lines(result)[1] == (
-        "race spent 11 trials = 110 trial-steps vs 120 for the full grid (4 pair sets x 3 "
-        "seeds): 92%"
+        "race spent 10 trials = 100 trial-steps vs 120 for the full grid (4 pair sets x 3 "
+        "seeds): 83%"
     )
 
 
@@ -323,7 +362,8 @@ def test_race_loop_launches_only_what_the_ledger_lacks():
 
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
                             say=lambda _: None)  # fmt: skip
-    assert calls == [(2, [("base", 2), ("a", 2), ("c", 2)])]
+    # Round 1 dropped b (interval) and c (futile; see the test above): round 2 runs base and a.
+    assert calls == [(2, [("base", 2), ("a", 2)])]
     assert result.rounds[0].launched == [] and result.rounds[1].launched == calls[0][1]
 
 
@@ -340,12 +380,12 @@ def test_race_loop_stops_undecided_when_a_round_is_interrupted():
 
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
                             say=said.append)  # fmt: skip
-    # Round 1 is decided from the ledger (b dropped); round 2's three trials were cut short,
+    # Round 1 is decided from the ledger (b, c dropped); round 2's two trials were cut short,
     # so nothing after it runs and no verdict is drawn from seeds that happened to finish.
     assert calls == [2] and len(result.rounds) == 1
     assert result.interrupted and result.verdict is None
     assert said[-1] == (
-        "race round 2: interrupted with 3 of its 3 trials unfinished; no cell is decided on a "
+        "race round 2: interrupted with 2 of its 2 trials unfinished; no cell is decided on a "
         "partial round"
     )
     assert result.as_dict()["interrupted"] is True
@@ -381,15 +421,16 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
     import json
 
     report = json.loads(out.read_text())
-    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (11, 110, 120)
+    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (10, 100, 120)
     assert [r["dropped"] for r in report["rounds"]] == [
-        {"b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a"}, {}
+        {"b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a",
+         "c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds"}, {}
     ]  # fmt: skip
     assert report["verdict"] == {"winner": None, "leader": "a", "better": [], "worse": []}
     assert report["grid_verdict"] == report["verdict"]
     assert report["same"] == {"winner": True, "better": True, "worse": True}
     assert done.stdout.splitlines()[-1] == (
-        "| grid | 2..3 | 11 | 110 | 120 | 92% | - | - | yes | yes | yes |"
+        "| grid | 2..3 | 10 | 100 | 120 | 83% | - | - | yes | yes | yes |"
     )
 
 
