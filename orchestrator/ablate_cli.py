@@ -316,12 +316,11 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         "--race",
         action="store_true",
         help="seed racing (needs a baseline): round 1 runs every pair set at --seeds seeds; "
-        "after each round a cell leaves the race when its verdict is 'worse' than the "
-        "baseline, its 95%% interval lies below the leader's, or F-Race's Friedman/Conover "
-        "test over seeds ranks it below the top cell while its mean gain over the baseline "
-        "is not positive (a cell ahead of the baseline races on), or its gain is futile: with "
-        "the mean and spread its seeds show it would not be significant even at --max-seeds; "
-        "the open cells and the baseline get one more seed, until it is settled or "
+        "after each round a cell leaves the race once its verdict is settled: 'worse' than "
+        "the baseline; futile (with the mean gain and spread its seeds show it would not be "
+        "significant even at --max-seeds); or 'better' but not the best (its 95%% interval "
+        "lies below the leader's, or F-Race's Friedman/Conover test over seeds ranks it out). "
+        "The open cells and the baseline get one more seed, until it is settled or "
         "--max-seeds. Each round is a Tune "
         "run <name>-round<k> in the one MLflow experiment <name>; trials already FINISHED "
         "there are skipped, so re-running or --resume finishes an interrupted race",

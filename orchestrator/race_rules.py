@@ -6,17 +6,19 @@ and a ``verdict``); they read no MLflow and launch nothing, so a live race, a re
 ``benchmarks/race_replay.py`` take the same decision on the same table. Per active cell
 (``decide``):
 
-- drop it when its verdict is ``worse`` (significantly below the baseline);
-- drop it when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (it cannot be
-  the best; the leader is the active cell, baseline included, with the highest mean);
-- drop it when F-Race's test (Birattari et al., 2002) says it cannot be the best (Friedman's
-  test with seeds as blocks, then Conover's comparison of its rank sum with the top one) and
-  its mean paired gain is not above the baseline's (a cell ahead of the baseline may still be
-  significantly better: the verdict's set of better cells is the combined recipe);
+- drop it when its verdict is ``worse`` (significantly below the baseline: settled);
 - drop it as futile when its mean paired gain, with the spread its seeds show, would not be
   significant even at ``--max-seeds`` seeds (a planning projection: the observed mean and
-  spread taken as true, uncorrected, which is Holm's most lenient step);
-- keep it otherwise.
+  spread taken as true, uncorrected, which is Holm's most lenient step): it can become neither
+  better nor worse, so it is settled too;
+- drop a cell whose verdict is already ``better`` (it is in the recipe) when it cannot be the
+  best: its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (the leader is the
+  active cell, baseline included, with the highest mean), or F-Race's test (Birattari et al.,
+  2002) rules it out (Friedman's test with seeds as blocks, then Conover's comparison of its
+  rank sum with the top one);
+- keep it otherwise: an open cell races on even when it cannot be the best, because it may
+  still turn better or worse, and the verdict reports both (dropping such cells early lost
+  three "worse" verdicts of a 5-seed grid in the README's replay).
 
 ``verdict_of`` turns the last table into a ``RaceVerdict`` (winner, leader, better, worse). The
 ledger and the loop that run the rounds are ``orchestrator.race``.
@@ -183,23 +185,21 @@ def decide(
     Per active cell, in this order:
 
     - dropped when its ``verdict`` is ``worse`` (significantly below the baseline);
-    - dropped when its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (NaN
-      compares false: with one seed nothing is dropped on intervals);
-    - dropped when F-Race's test says it cannot be the best and it is not ahead of the
-      baseline (``gain_mean <= 0``; a cell ahead may still become significantly better and
-      join the recipe, so it races on): Friedman's test over the seeds (blocks) of the
-      baseline and the active cells not worse (at least 3 of them, 2 seeds in common) is
-      significant at ``alpha`` and the cell's rank sum is below the top rank sum by more than
-      Conover's critical difference (``stats.friedman_conover``). Seeds are blocks
-      because a seed fixes the initialisation and data order every cell shares (a strong
-      common effect: comparisons within a seed are paired), and the rank variance is pooled
-      over every racing cell, so at 2 seeds the comparison has ``k - 1`` degrees of freedom
-      where a paired t-test of two cells has 1. The interval rule catches what ranks cannot
-      with few cells (with 4 cells and 2 seeds Friedman's p is never below 0.11);
+    - dropped when its verdict is ``better`` and its ``<metric>_ci_high`` is below the
+      leader's ``<metric>_ci_low`` (NaN compares false: with one seed nothing is dropped on
+      intervals);
+    - dropped when its verdict is ``better`` and F-Race's test says it cannot be the best:
+      Friedman's test over the seeds (blocks) of the baseline and the active cells not worse
+      (at least 3 of them, 2 seeds in common) is significant at ``alpha`` and the cell's rank
+      sum is below the top rank sum by more than Conover's critical difference
+      (``stats.friedman_conover``). Seeds are blocks because a seed fixes the initialisation
+      and data order every cell shares (a strong common effect: comparisons within a seed are
+      paired), and the rank variance is pooled over every racing cell;
     - dropped as futile (``_futile``) when, before the last round, its mean paired gain and
       their spread over its seeds, if they held, would not make it significant even at
       ``max_seeds`` seeds: more seeds of it cannot change the verdict, so none are spent;
-    - kept otherwise, also when it has no finished run or no interval yet.
+    - kept otherwise, also when it has no finished run or no interval yet, and when it is open
+      but cannot be the best (it may still turn better or worse).
 
     The baseline is ranked with the cells (it may hold the top rank sum) but is never dropped.
     The leader (``leader_of``) is the cell, baseline included, with the highest mean among
@@ -225,10 +225,12 @@ def decide(
     leader_low = _num(rows.get(leader), f"{metric}_ci_low")
     for cell in survivors:
         high = _num(rows.get(cell), f"{metric}_ci_high")
-        if cell != leader and high < leader_low:
+        # Only a cell already better than the baseline is settled by not being the best: any
+        # other may still turn better or worse, which the verdict reports too.
+        if cell != leader and high < leader_low and rows.get(cell, {}).get("verdict") == BETTER:
             dropped[cell] = (
-                f"{metric} CI high {high:.2f} is below the CI low {leader_low:.2f} of "
-                f"the leader {leader}"
+                f"better, and its {metric} CI high {high:.2f} is below the CI low "
+                f"{leader_low:.2f} of the leader {leader}"
             )
     contenders = ([baseline] if baseline is not None else []) + survivors
     names, common, values = ranked_seeds(table, contenders, metric)
@@ -248,12 +250,11 @@ def decide(
             for name, rank_sum in zip(names, test.rank_sums, strict=True):
                 if name in (baseline, leader) or name in dropped or rank_sum >= bar:
                     continue
-                # A cell ahead of the baseline may still turn out significantly better, i.e.
-                # join the recipe: it races on although it cannot be the best.
-                gain = _num(rows.get(name), "gain_mean")
-                if math.isnan(gain) or gain > 0:
+                # As above: only a cell whose verdict is settled (better) leaves for not
+                # being the best; an open one may still turn better or worse.
+                if rows.get(name, {}).get("verdict") != BETTER:
                     continue
-                dropped[name] = f"rank sum {rank_sum:g} < {bar:.2f}, F-Race; gain {gain:+.2f}"
+                dropped[name] = f"better, and rank sum {rank_sum:g} < {bar:.2f}, F-Race"
         else:
             ranking += ": not significant, nothing dropped on ranks"
     if seeds < max_seeds:

@@ -73,12 +73,18 @@ def test_worse_is_dropped_even_when_its_interval_reaches_the_leader():
 
 def test_a_cell_dropped_as_worse_cannot_lead():
     # x has the top mean but its paired gain is significantly negative (it ran seeds the
-    # baseline lacks); the leader is a, and b lies below a's interval.
+    # baseline lacks); the leader is a. b lies below a's interval, but its verdict is open (it
+    # may still turn worse, which the verdict reports too): it races on.
     t = table(BASE, row("x", 95.0, 94.0, 96.0, "worse", p=0.01), row("a", 91.0, 89.0, 93.0),
               row("b", 80.0, 78.0, 82.0))  # fmt: skip
     step = race.decide(t, ["x", "a", "b"], seeds=3, max_seeds=5)
-    assert step.leader == "a" and list(step.dropped) == ["x", "b"] and step.kept == ("a",)
-    assert "of the leader a" in step.dropped["b"]
+    assert step.leader == "a" and list(step.dropped) == ["x"] and step.kept == ("a", "b")
+    # Once b is better (its question settled) and still below a's interval, it leaves.
+    t.loc[t["pair_set"] == "b", "verdict"] = "better"
+    step = race.decide(t, ["x", "a", "b"], seeds=3, max_seeds=5)
+    assert step.dropped["b"] == (
+        "better, and its rsum CI high 82.00 is below the CI low 89.00 of the leader a"
+    )
 
 
 def test_hand_computed_intervals_from_the_real_table_drop_the_cell_below_the_leader():
@@ -97,25 +103,27 @@ def test_hand_computed_intervals_from_the_real_table_drop_the_cell_below_the_lea
     # seeds it would be: test_futile_cells_leave_before_the_last_round).
     step = race.decide(t, ["a", "b", "c"], seeds=3, max_seeds=20)
     assert step.leader == "a"
-    # b: 81 + 2.4841 = 83.4841 < 93.5159 (a's low): it cannot be the best; c overlaps a.
-    assert step.dropped == {"b": "rsum CI high 83.48 is below the CI low 93.52 of the leader a"}
-    assert step.kept == ("a", "c")
+    # b: 81 + 2.4841 = 83.4841 < 93.5159 (a's low): it cannot be the best, but with no
+    # bootstrap ranks its verdict is open (it may still turn worse), so it races on.
+    assert step.dropped == {}
+    assert step.kept == ("a", "b", "c")
     assert not step.stop and step.next_seeds == 4
-    assert step.reason == "1 cell(s) not yet told apart from the leader a"
+    assert step.reason == "2 cell(s) not yet told apart from the leader a"
 
 
 def test_friedman_drops_what_ranks_over_seeds_rule_out_and_never_the_baseline():
     # The hand-computed example of test_stats: rank sums a 12, base 7, b 5 over 4 seeds,
     # Friedman T 6.5 (p = exp(-3.25) = 0.0388), Conover's critical difference 3.4605.
-    # Intervals overlap (b's high 6.5 >= a's low 6.0), so only the ranks drop b; the
+    # Intervals overlap (b's high 6.5 >= a's low 6.0), so only the ranks drop b, whose verdict
+    # is settled (hand-built "better": ranks and verdicts come from different columns); the
     # baseline (7 < 12 - 3.46) is below the bar too but is the reference and stays.
     t = table(
         row("base", 4.75, 1.0, 8.5, baseline=True, seeds=4, by_seed=[5.0, 6.0, 7.0, 1.0]),
         row("a", 8.625, 6.0, 11.0, seeds=4, by_seed=[10.0, 8.0, 9.5, 7.0]),
-        row("b", 2.5, 0.5, 6.5, seeds=4, gain=-2.25, by_seed=[1.0, 2.0, 3.0, 4.0]),
+        row("b", 2.5, 0.5, 6.5, "better", seeds=4, by_seed=[1.0, 2.0, 3.0, 4.0]),
     )
     step = race.decide(t, ["a", "b"], seeds=4, max_seeds=6)
-    assert step.dropped == {"b": "rank sum 5 < 8.54, F-Race; gain -2.25"}
+    assert step.dropped == {"b": "better, and rank sum 5 < 8.54, F-Race"}
     assert step.ranking == (
         "Friedman p 0.0388 over 3 cells x seeds 0..3, top rank sum 12 (a), Conover's critical "
         "difference 3.46: below 8.54 cannot be the best"
@@ -130,8 +138,8 @@ def test_friedman_drops_what_ranks_over_seeds_rule_out_and_never_the_baseline():
 
 
 def test_a_cell_ahead_of_the_baseline_races_on_although_ranks_rule_it_out():
-    # Same ranks as above, but c's mean paired gain is positive (hand-built: the ranks and
-    # the gains come from different columns): it may still become significantly better.
+    # Same ranks as above, but c's verdict is open: it may still become significantly better
+    # (or worse), so it races on although it cannot be the best.
     t = table(
         row("base", 4.75, 1.0, 8.5, baseline=True, seeds=4, by_seed=[5.0, 6.0, 7.0, 1.0]),
         row("a", 8.625, 6.0, 11.0, seeds=4, by_seed=[10.0, 8.0, 9.5, 7.0]),
@@ -199,13 +207,13 @@ def test_one_seed_gives_no_interval_so_nothing_is_dropped_on_intervals():
 
 
 def test_baseline_is_never_dropped_and_can_lead():
-    # The baseline leads; a's interval lies below the baseline's, b overlaps it.
+    # The baseline leads; a's interval lies below the baseline's (open: it may turn worse, so
+    # it races on), b overlaps it.
     t = table(BASE, row("a", 80.0, 75.0, 85.0), row("b", 89.0, 86.0, 92.0))
     step = race.decide(t, ["base", "a", "b"], seeds=2, max_seeds=5)
     assert step.leader == "base"
     assert "base" not in step.kept and "base" not in step.dropped
-    assert step.dropped == {"a": "rsum CI high 85.00 is below the CI low 88.00 of the leader base"}
-    assert step.kept == ("b",)
+    assert step.dropped == {} and step.kept == ("a", "b")
     # The baseline runs every seed the kept cells run, also when it is far behind a leader.
     far = table(row("base", 50.0, 49.0, 51.0, baseline=True), row("a", 95.0, 94.0, 96.0),
                 row("b", 94.5, 93.0, 96.0))  # fmt: skip
@@ -224,20 +232,23 @@ def test_stops_at_max_seeds_with_cells_still_open():
 
 
 def test_stops_when_settled_and_names_the_winner():
-    # a is better than the baseline and b's interval lies below a's: only a is left.
+    # a and b are better than the baseline and b's interval lies below a's: only a is left.
     t = table(BASE, row("a", 99.0, 97.0, 101.0, "better", gain=9.0, p=0.01),
-              row("b", 93.0, 90.0, 96.0))  # fmt: skip
+              row("b", 93.0, 90.0, 96.0, "better", gain=3.0, p=0.02))  # fmt: skip
     step = race.decide(t, ["a", "b"], seeds=3, max_seeds=5)
     assert step.stop and step.kept == ("a",) and step.next_seeds == 3
     assert step.reason == "settled: only the leader a is left, verdict better"
     verdict = race.verdict_of(t, step.kept)
-    assert verdict == race.RaceVerdict("a", "a", ("a",), ())
+    assert verdict == race.RaceVerdict("a", "a", ("a", "b"), ())
     # Over every cell (the full grid's view) a is still the winner: 97 > b's 96.
     assert race.verdict_of(t, ["a", "b"]).winner == "a"
 
 
 def test_settled_when_every_cell_is_dropped_below_the_baseline():
-    t = table(BASE, row("w", 60.0, 55.0, 65.0, "worse", p=0.001), row("v", 70, 66, 74))
+    # w is worse; v's gains (-20 +- 30 over 2 seeds) would not be significant at 5 seeds
+    # (1.2416 * 30 = 37.2 >= 20): futile.
+    t = table(BASE, row("w", 60.0, 55.0, 65.0, "worse", p=0.001),
+              row("v", 70, 66, 74, gain=-20.0, gain_std=30.0))  # fmt: skip
     step = race.decide(t, ["w", "v"], seeds=2, max_seeds=5)
     assert step.stop and step.kept == () and step.leader == "base"
     assert step.reason == "settled: no cell is left but the baseline"
@@ -245,7 +256,7 @@ def test_settled_when_every_cell_is_dropped_below_the_baseline():
 
 
 def test_lone_leader_still_open_against_the_baseline_races_on():
-    t = table(BASE, row("a", 95.0, 89.0, 101.0), row("b", 80.0, 78.0, 82.0))
+    t = table(BASE, row("a", 95.0, 89.0, 101.0), row("b", 80.0, 78.0, 82.0, "worse", p=0.01))
     step = race.decide(t, ["a", "b"], seeds=2, max_seeds=5)
     assert step.kept == ("a",) and not step.stop and step.next_seeds == 3
     assert step.reason == "the leader a is not yet told apart from the baseline"
@@ -307,34 +318,32 @@ GRID = {"base": [90, 91, 92], "a": [95, 96, 97], "b": [80, 81, 82], "c": [93, 97
 
 def test_replayed_race_sees_only_what_it_asked_for():
     # Round 1 (seeds 0,1; half-width T1 * 0.7071 / 1.4142 = T1 / 2 = 6.3531 at sd 0.7071):
-    # a 95.5 (89.1469..101.8531) leads; b 80.5 (..86.8531) < 89.1469 is dropped;
-    # c 95 +- T1 * 2 = 69.5876..120.4124 overlaps a, but its paired gains 3 and 6 (+4.5 +-
-    # 2.1213) are futile: at 3 seeds t_{0.975,2} * 2.1213 / sqrt(3) = 5.2696 >= 4.5. a's gains
-    # are 5 and 5 (no spread): it races on. Round 2 (seeds 0..2) is base and a alone.
+    # a 95.5 (89.1469..101.8531) leads; b 80.5 (..86.8531) lies below a's interval but is
+    # open (no bootstrap ranks, so no verdict): it races on. c 95 +- T1 * 2 = 69.5876..120.4124
+    # overlaps a, and its paired gains 3 and 6 (+4.5 +- 2.1213) are futile: at 3 seeds
+    # t_{0.975,2} * 2.1213 / sqrt(3) = 5.2696 >= 4.5. a's gains (5, 5) and b's (-10, -10) have
+    # no spread: they would be significant. Round 2 (seeds 0..2) is base, a and b.
     lines: list[str] = []
     runs = grid_runs(GRID)
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, steps=10,
                             say=lines.append)  # fmt: skip
     first, second = result.rounds
     assert first.step.dropped == {
-        "b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a",
         "c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds",
     }
-    assert first.step.kept == ("a",) and first.launched == []
-    assert second.seeds == 3 and second.step.stop and second.step.kept == ("a",)
-    assert second.planned == race.round_plan("base", ["a"], 3)
-    assert second.step.reason == "reached --max-seeds 3 with 1 cell(s) still open"
-    # 4 cells x 2 seeds, then seed 2 of base and a: 10 of the 12 trials, b's and c's seed 2
-    # unseen.
-    assert len(result.asked) == 10 and not {("b", 2), ("c", 2)} & result.asked
-    assert (result.spent_steps, result.full_steps) == (100, 120)
+    assert first.step.kept == ("a", "b") and first.launched == []
+    assert second.seeds == 3 and second.step.stop and second.step.kept == ("a", "b")
+    assert second.planned == race.round_plan("base", ["a", "b"], 3)
+    assert second.step.reason == "reached --max-seeds 3 with 2 cell(s) still open"
+    # 4 cells x 2 seeds, then seed 2 of base, a and b: 11 of the 12 trials, c's seed 2 unseen.
+    assert len(result.asked) == 11 and ("c", 2) not in result.asked
+    assert (result.spent_steps, result.full_steps) == (110, 120)
     assert result.verdict == race.RaceVerdict(None, "a", (), ())  # no bootstrap: all open
     assert lines[0] == (
-        "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (1/3): "
-        "a; dropped: b (rsum CI high 86.85 is below the CI low 89.15 of the leader a); c "
-        "(futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds); leader a; "
-        "the leader a is not yet told apart from the baseline; F-Race: Friedman p 0.145 over 4 "
-        "cells x seeds 0..1: not significant, nothing dropped on ranks"
+        "race round 1: 8 trials (all already in MLflow), seeds 0..1 per cell; active (2/3): "
+        "a, b; dropped: c (futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 "
+        "seeds); leader a; 1 cell(s) not yet told apart from the leader a; F-Race: Friedman p "
+        "0.145 over 4 cells x seeds 0..1: not significant, nothing dropped on ranks"
     )
     # Ranks per seed: seed 0 b 1, base 2, c 3, a 4; seed 1 b 1, base 2, a 3, c 4. R = a 7,
     # c 7, base 4, b 2; A = 60, C = 2*4*25/4 = 50, T = 3 * (118 - 100) / 10 = 5.4, whose
@@ -344,8 +353,8 @@ def test_replayed_race_sees_only_what_it_asked_for():
         "better than the baseline); better: -; worse: -"
     )
     assert race.verdict_lines(result)[1] == (
-        "race spent 10 trials = 100 trial-steps vs 120 for the full grid (4 pair sets x 3 "
-        "seeds): 83%"
+        "race spent 11 trials = 110 trial-steps vs 120 for the full grid (4 pair sets x 3 "
+        "seeds): 92%"
     )
 
 
@@ -362,8 +371,8 @@ def test_race_loop_launches_only_what_the_ledger_lacks():
 
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
                             say=lambda _: None)  # fmt: skip
-    # Round 1 dropped b (interval) and c (futile; see the test above): round 2 runs base and a.
-    assert calls == [(2, [("base", 2), ("a", 2)])]
+    # Round 1 dropped c (futile; see the test above): round 2 runs base, a and b.
+    assert calls == [(2, [("base", 2), ("a", 2), ("b", 2)])]
     assert result.rounds[0].launched == [] and result.rounds[1].launched == calls[0][1]
 
 
@@ -380,12 +389,12 @@ def test_race_loop_stops_undecided_when_a_round_is_interrupted():
 
     result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: ledger, launch,
                             say=said.append)  # fmt: skip
-    # Round 1 is decided from the ledger (b, c dropped); round 2's two trials were cut short,
+    # Round 1 is decided from the ledger (c dropped); round 2's three trials were cut short,
     # so nothing after it runs and no verdict is drawn from seeds that happened to finish.
     assert calls == [2] and len(result.rounds) == 1
     assert result.interrupted and result.verdict is None
     assert said[-1] == (
-        "race round 2: interrupted with 2 of its 2 trials unfinished; no cell is decided on a "
+        "race round 2: interrupted with 3 of its 3 trials unfinished; no cell is decided on a "
         "partial round"
     )
     assert result.as_dict()["interrupted"] is True
@@ -421,16 +430,15 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
     import json
 
     report = json.loads(out.read_text())
-    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (10, 100, 120)
+    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (11, 110, 120)
     assert [r["dropped"] for r in report["rounds"]] == [
-        {"b": "rsum CI high 86.85 is below the CI low 89.15 of the leader a",
-         "c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds"}, {}
+        {"c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds"}, {}
     ]  # fmt: skip
     assert report["verdict"] == {"winner": None, "leader": "a", "better": [], "worse": []}
     assert report["grid_verdict"] == report["verdict"]
     assert report["same"] == {"winner": True, "better": True, "worse": True}
     assert done.stdout.splitlines()[-1] == (
-        "| grid | 2..3 | 10 | 100 | 120 | 83% | - | - | yes | yes | yes |"
+        "| grid | 2..3 | 11 | 110 | 120 | 92% | - | - | yes | yes | yes |"
     )
 
 
