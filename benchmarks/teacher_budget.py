@@ -51,10 +51,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "ls30": {"init_logit_scale": 3.4012},
     "ls50": {"init_logit_scale": 3.912},
     "ls100": {"init_logit_scale": 4.6052},
-    # smaller pictures, same patch size: 6 x 6 or 7 x 7 patches instead of 8 x 8 (the 64 px
-    # shards are resized by the teacher's own preprocessing)
+    # smaller pictures, same patch size: 6 x 6 patches instead of 8 x 8 (the 64 px shards are
+    # resized by the teacher's own preprocessing)
     "img48": {"vision_cfg": {"image_size": 48}},
-    "img56": {"vision_cfg": {"image_size": 56}},
     "resnet64": {
         "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
     },
