@@ -29,7 +29,7 @@ from orchestrator.ablation_spec import RaceSettings as RaceSettings
 from orchestrator.ablation_spec import default_name as default_name
 from orchestrator.ablation_spec import load_spec as load_spec
 from orchestrator.ablation_spec import resolve_spec as resolve_spec
-from orchestrator.race import FAILED, FINISHED, INTERRUPTED
+from orchestrator.race import FAILED, FINISHED, INTERRUPTED, check_ledger, finished_trials
 from orchestrator.run_params import trial_params
 from orchestrator.scoped_env import scoped_env
 from orchestrator.trial import distill_trial
@@ -277,7 +277,6 @@ def resume_ablation(spec: AblationSpec, say=print) -> AblationOutcome:
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.race import check_ledger, finished_trials
 
     path = spec.tune_dir / spec.name
     if tune.Tuner.can_restore(str(path)):
@@ -327,7 +326,6 @@ def _outcome(spec: AblationSpec, results) -> AblationOutcome:
     done: set[tuple[str, int]] | None = None
     if ended < len(results) or len(results) < len(expected):
         from orchestrator import tracking
-        from orchestrator.race import finished_trials  # the race reads the ledger the same way
 
         outcome.interrupted = True
         done = finished_trials(tracking.runs_frame(spec.tracking_uri, spec.experiment_name))
