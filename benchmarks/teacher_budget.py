@@ -73,7 +73,9 @@ def candidate_config(name: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="shipped")
-    parser.add_argument("--steps", type=int, default=220)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="default: the product's budget at --amp's precision"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=TEACHER_LR)
     parser.add_argument("--warmup", type=int, default=None, help="default: the product's")
@@ -93,6 +95,10 @@ def main() -> None:
     parser.add_argument(
         "--eval-every", type=int, default=None, help="also evaluate every N steps (the curve)"
     )
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast (default: the product's)",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/bench/teacher_budget.jsonl")
     args = parser.parse_args()
 
@@ -117,6 +123,8 @@ def main() -> None:
             overrides["grad_clip"] = args.grad_clip or None
         if args.weight_decay is not None:
             overrides["weight_decay"] = args.weight_decay
+        if args.amp is not None:
+            overrides["amp"] = args.amp
         cfg = teacher_config(
             shards.train, shards.eval, name=name, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, **overrides,
@@ -128,7 +136,7 @@ def main() -> None:
     last = reports[-1]
     row = {
         "candidate": args.candidate,
-        "steps": args.steps,
+        "steps": cfg.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "warmup_steps": cfg.warmup_steps,
@@ -137,9 +145,10 @@ def main() -> None:
         "threads": args.threads,
         "seed": args.seed,
         "weight_decay": cfg.weight_decay,
+        "amp": cfg.amp,
         "wall_s": round(wall, 1),
         "train_s": round(last["train_s"], 1),
-        "samples_per_s": round(args.steps * args.batch_size / last["train_s"], 1),
+        "samples_per_s": round(cfg.steps * args.batch_size / last["train_s"], 1),
         **{k: round(last[k], 2) for k in ("rsum", "t2i_R1", "i2t_R1")},
     }
     if len(reports) > 1:  # (step, seconds of training, rsum) at every eval

@@ -30,7 +30,13 @@ from orchestrator.ablation_spec import (
     resolve_spec,
 )
 from orchestrator.cli import EXIT_INTERRUPTED
-from orchestrator.cli_flags import DEFAULT_ABLATION_OUT, add_shared_flags, run_flags, workspace_of
+from orchestrator.cli_flags import (
+    AMP_HELP,
+    DEFAULT_ABLATION_OUT,
+    add_shared_flags,
+    run_flags,
+    workspace_of,
+)
 from orchestrator.config import build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
 from orchestrator.run_lock import exclusive_ablation
@@ -349,6 +355,7 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-every", type=int)
     group.add_argument("--batch-size", type=int)
     group.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, help=AMP_HELP)
     group.add_argument("--cpus-per-worker", type=float)
     group.add_argument("--gpus-per-worker", type=float, help="> 0 trains on GPUs (nccl)")
     group.add_argument(

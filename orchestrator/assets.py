@@ -13,11 +13,9 @@ from typing import Any
 
 from orchestrator.config import Workspace
 from trainers.run_config import DistillConfig
-from trainers.teacher import TEACHER_STEPS
 
 BUILTIN_TRAIN_SAMPLES = 12_000
 BUILTIN_EVAL_IMAGES = 1_000
-BUILTIN_TEACHER_STEPS = TEACHER_STEPS  # re-exported for the CLI's --steps default
 
 
 @dataclass
@@ -49,9 +47,10 @@ def ensure_builtin_data(
 
 
 def ensure_builtin_teacher(
-    workspace: Workspace, shards: Shards, steps: int = BUILTIN_TEACHER_STEPS, **overrides: Any
+    workspace: Workspace, shards: Shards, steps: int | None = None, **overrides: Any
 ) -> tuple[str, str, dict[str, Any]]:
-    """(teacher name, checkpoint path, its eval metrics), training it on first use."""
+    """(teacher name, checkpoint path, its eval metrics), training it on first use (``steps``:
+    the built-in budget at this machine's precision, ``trainers.teacher.teacher_steps``)."""
     from tqdm import tqdm
 
     from orchestrator.trial import format_progress
@@ -64,7 +63,8 @@ def ensure_builtin_teacher(
         nonlocal bar
         if bar is None:
             _say(f"teacher: training {cfg.student} from scratch, {total} steps x "
-                 f"{cfg.batch_size} (first use; cached afterwards)")  # fmt: skip
+                 f"{cfg.batch_size}{', bfloat16 autocast' if cfg.amp else ''} "
+                 "(first use; cached afterwards)")  # fmt: skip
             bar = tqdm(total=total, desc="teacher", unit="step", file=sys.stderr)
         bar.set_postfix_str(f"loss {loss:.3f}, {samples_per_s:.0f} samples/s", refresh=False)
         bar.update(step - bar.n)

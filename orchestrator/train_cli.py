@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.assets import (
-    BUILTIN_TEACHER_STEPS,
     Shards,
     ensure_builtin_data,
     ensure_builtin_teacher,
     ensure_teacher_cache,
     resolve_run,
 )
-from orchestrator.cli_flags import add_shared_flags, run_flags, workspace_of
+from orchestrator.cli_flags import AMP_HELP, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import Workspace, build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
+from trainers.teacher import TEACHER_STEPS, TEACHER_STEPS_BF16
 
 
 # ----------------------------------------------------------------------------- teacher train
@@ -27,6 +27,8 @@ def _teacher_train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
+    if args.amp is not None:
+        overrides["amp"] = args.amp
     name, checkpoint, metrics = ensure_builtin_teacher(
         workspace, shards, steps=args.steps, **overrides
     )
@@ -112,7 +114,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Pre-train conaclip-teacher on the train shards.",
     )
     add_shared_flags(train)
-    train.add_argument("--steps", type=int, default=BUILTIN_TEACHER_STEPS)
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"default: the built-in budget, {TEACHER_STEPS_BF16} steps where bfloat16 autocast "
+        f"pays (a CPU with AVX-512 BF16 or AMX, or a GPU), else {TEACHER_STEPS}",
+    )
+    train.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast (default: on where it pays); part of the teacher's cache key",
+    )
     train.add_argument("--batch-size", type=int)
     train.set_defaults(handler=_teacher_train)
     cache = teacher_sub.add_parser(
@@ -141,6 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--eval-every", type=int, help="steps between eval + checkpoint")
     run.add_argument("--batch-size", type=int, help="per-worker batch size (default 64)")
     run.add_argument("--seed", type=int)
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, help=AMP_HELP)
     run.add_argument("--name", help="run name under --out (default: train)")
     run.add_argument(
         "--no-teacher-cache",

@@ -124,11 +124,14 @@ def test_a_validation_error_from_flags_is_one_line(monkeypatch, capsys):
     assert err == "conaclip: error: arguments: steps: Input should be greater than 0"
 
 
-def test_one_teacher_step_default():
-    from orchestrator.assets import BUILTIN_TEACHER_STEPS
-    from trainers.teacher import TEACHER_STEPS, teacher_config
+def test_one_teacher_budget_per_precision():
+    from trainers.precision import bf16_autocast_pays
+    from trainers.teacher import teacher_config
 
-    assert teacher_config("train", "eval").steps == TEACHER_STEPS == BUILTIN_TEACHER_STEPS == 400
+    assert teacher_config("train", "eval", amp=False).steps == 400
+    assert teacher_config("train", "eval", amp=True).steps == 520
+    assert teacher_config("train", "eval").amp is bf16_autocast_pays()
+    assert teacher_config("train", "eval", amp=True, steps=7).steps == 7
 
 
 def test_asha_grace_period_defaults_to_the_first_report_after_warm_up():
@@ -222,3 +225,9 @@ def test_start_attempt_env_is_read_when_used_and_restored_after_each_fit(monkeyp
         assert os.environ[trial.START_TIMEOUT_ENV] == "15.0"
     assert os.environ[trial.START_TIMEOUT_ENV] == "15"
     assert trial.ScalingSpec(start_timeout_s=30).start_attempts() == (15.0, 2)
+
+
+def test_amp_flag_reaches_every_trial_config():
+    assert _spec(["--preset", "demo", "--amp"]).run.amp is True
+    assert _spec(["--preset", "demo", "--no-amp"]).run.amp is False
+    assert _spec(["--preset", "demo"]).run.amp is False

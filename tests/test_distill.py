@@ -91,6 +91,21 @@ def test_total_loss_is_the_weighted_sum_of_pair_losses(tiny_shapes, tiny_teacher
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_amp_runs_the_step_in_bfloat16_on_cpu_too(tiny_shapes, tiny_teacher, tmp_path):
+    # Same init, same first batch: the first step's loss differs only by bfloat16 rounding,
+    # so an autocast that was silently skipped on CPU would give exactly the float32 loss.
+    losses = {}
+    for amp in (False, True):
+        recorder = Recorder()
+        config = base_config(
+            tiny_shapes, tiny_teacher, tmp_path / str(amp), steps=1, eval_every=1, amp=amp
+        )
+        train_loop_per_worker(config, recorder)
+        losses[amp] = recorder.reports[0][0]["loss"]
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+
+
 def test_auto_weight_is_off_in_warm_up_then_a_gradient_share(tiny_shapes, tiny_teacher, tmp_path):
     recorder = Recorder()
     config = base_config(

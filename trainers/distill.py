@@ -192,11 +192,9 @@ class DistillationRun:
         images = batch["image"].to(device, non_blocking=True)
         tokens = batch["text"].to(device, non_blocking=True)
         self.skipped += int(batch.get("skipped", 0))
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cfg.amp and device.type == "cuda"
-            else nullcontext()
-        )
+        # bfloat16 autocast on CPU too: matmuls run on AVX-512 BF16 where the CPU has it
+        # (README "Teacher pre-training"); weights and optimizer state stay float32.
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
         with autocast:
             student = self.model(images, tokens)
             teacher = self._teacher_embeddings(batch, images, tokens)

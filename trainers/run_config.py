@@ -208,7 +208,11 @@ class DistillConfig(BaseModel):
         default=None, ge=0, description="step where *auto weights are measured (None: warm-up)"
     )
     balance_steps: int = Field(default=BALANCE_STEPS, ge=1, description="steps averaged")
-    amp: bool = Field(default=False, description="bfloat16 autocast on GPU; ignored on CPU")
+    amp: bool = Field(
+        default=False,
+        description="bfloat16 autocast of forward and losses (a GPU, or a CPU with AVX-512 "
+        "BF16 or AMX: slower elsewhere); weights and optimizer state stay float32",
+    )
     torch_threads: int | None = Field(default=None, ge=1)
     out_dir: str = Field(default="", description="where checkpoints go when run without Ray")
 
