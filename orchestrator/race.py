@@ -27,6 +27,7 @@ import pandas as pd
 
 # The decision rules, re-exported: callers read a race as one module (race.decide, ...).
 from orchestrator.race_rules import RaceStep, RaceVerdict, decide, verdict_of
+from orchestrator.race_rules import behind_leader as behind_leader
 from orchestrator.race_rules import leader_of as leader_of
 from orchestrator.race_rules import ranked_seeds as ranked_seeds
 from trainers.errors import InputError

@@ -13,9 +13,10 @@ and a ``verdict``); they read no MLflow and launch nothing, so a live race, a re
   better nor worse, so it is settled too;
 - drop a cell whose verdict is already ``better`` (it is in the recipe) when it cannot be the
   best: its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (the leader is the
-  active cell, baseline included, with the highest mean), or F-Race's test (Birattari et al.,
-  2002) rules it out (Friedman's test with seeds as blocks, then Conover's comparison of its
-  rank sum with the top one);
+  active cell, baseline included, with the highest mean), the leader beats it seed for seed
+  (``behind_leader``: a paired t-test on the per-seed differences, Holm over the better
+  cells), or F-Race's test (Birattari et al., 2002) rules it out (Friedman's test with seeds
+  as blocks, then Conover's comparison of its rank sum with the top one);
 - keep it otherwise: an open cell races on even when it cannot be the best, because it may
   still turn better or worse, and the verdict reports both (dropping such cells early lost
   three "worse" verdicts of a 5-seed grid in the README's replay).
@@ -64,10 +65,11 @@ class RaceStep:
 class RaceVerdict:
     """What a race (or a full grid) concludes.
 
-    ``winner``: the leader when it is a non-baseline cell with verdict ``better`` whose
-    ``ci_low`` is above the ``ci_high`` of every other contender (contenders: the cells the
-    verdict is taken over, minus the baseline and the cells with verdict ``worse``, which are
-    below a baseline the leader beats); None otherwise. ``better`` / ``worse``: every
+    ``winner``: the leader when it is a non-baseline cell with verdict ``better`` that is
+    told apart from every other contender, by intervals (its ``ci_low`` above the rival's
+    ``ci_high``) or seed for seed (``behind_leader``, Holm over the contenders) (contenders: the
+    cells the verdict is taken over, minus the baseline and the cells with verdict ``worse``,
+    which are below a baseline the leader beats); None otherwise. ``better`` / ``worse``: every
     non-baseline row of the table with that verdict, in table order.
     """
 
@@ -171,6 +173,44 @@ def _futile(row: dict[str, Any] | None, max_seeds: int, alpha: float) -> str | N
     )
 
 
+def behind_leader(
+    table: pd.DataFrame,
+    leader: str | None,
+    rivals: Sequence[str],
+    metric: str = "rsum",
+    alpha: float = 0.05,
+) -> dict[str, str]:
+    """The ``rivals`` the leader beats seed for seed: rival -> why.
+
+    Per rival, the paired differences ``leader_s - rival_s`` over the seeds both have (a seed
+    fixes the initialisation and data order both cells share, so within a seed they are
+    paired, as the gains against the baseline are); a two-sided one-sample t-test on them,
+    Holm-adjusted over ``rivals`` (the family of comparisons with the leader). A rival is
+    behind when its adjusted p is below ``alpha`` and the mean difference is positive. Needs
+    at least 2 common seeds (else the rival is not behind)."""
+    rows = _rows(table)
+    lead = dict(rows[leader].get(f"{metric}_by_seed") or {}) if leader in rows else {}
+    diffs: dict[str, np.ndarray] = {}
+    for rival in rivals:
+        theirs = dict(rows[rival].get(f"{metric}_by_seed") or {}) if rival in rows else {}
+        common = [seed for seed in lead if seed in theirs]
+        if rival != leader and len(common) >= 2:
+            diffs[rival] = np.array([float(lead[s]) - float(theirs[s]) for s in common])
+    if not diffs:
+        return {}
+    names = list(diffs)
+    adjusted = stats.adjust_pvalues([stats.t_test_p(diffs[n]) for n in names], "holm")
+    behind: dict[str, str] = {}
+    for name, p_adj in zip(names, adjusted, strict=True):
+        mean, _, low, high = stats.t_interval(diffs[name])
+        if p_adj < alpha and mean > 0:
+            behind[name] = (
+                f"the leader {leader} is ahead by {mean:+.2f} [{low:+.2f}, {high:+.2f}] paired "
+                f"over {diffs[name].size} seeds (Holm-adjusted p {p_adj:.3g} over {len(names)})"
+            )
+    return behind
+
+
 def decide(
     table: pd.DataFrame,
     active: Sequence[str],
@@ -195,6 +235,8 @@ def decide(
       (``stats.friedman_conover``). Seeds are blocks because a seed fixes the initialisation
       and data order every cell shares (a strong common effect: comparisons within a seed are
       paired), and the rank variance is pooled over every racing cell;
+    - dropped when its verdict is ``better`` and the leader beats it seed for seed
+      (``behind_leader`` over the better cells: paired t-test, Holm, at ``alpha``);
     - dropped as futile (``_futile``) when, before the last round, its mean paired gain and
       their spread over its seeds, if they held, would not make it significant even at
       ``max_seeds`` seeds: more seeds of it cannot change the verdict, so none are spent;
@@ -257,6 +299,9 @@ def decide(
                 dropped[name] = f"better, and rank sum {rank_sum:g} < {bar:.2f}, F-Race"
         else:
             ranking += ": not significant, nothing dropped on ranks"
+    settled = [c for c in survivors if rows.get(c, {}).get("verdict") == BETTER]
+    for cell, why in behind_leader(table, leader, settled, metric, alpha).items():
+        dropped.setdefault(cell, f"better, and {why}")
     if seeds < max_seeds:
         for cell in survivors:
             if cell not in dropped and (why := _futile(rows.get(cell), max_seeds, alpha)):
@@ -301,6 +346,8 @@ def verdict_of(table: pd.DataFrame, cells: Iterable[str], metric: str = "rsum") 
     if leader is not None and leader != baseline and rows[leader].get("verdict") == BETTER:
         low = _num(rows[leader], f"{metric}_ci_low")
         rivals = [c for c in cells if c != leader and rows.get(c, {}).get("verdict") != WORSE]
-        if all(low > _num(rows.get(c), f"{metric}_ci_high") for c in rivals):
+        alpha = float(table.attrs.get("alpha", 0.05))
+        behind = behind_leader(table, leader, rivals, metric, alpha)
+        if all(c in behind or low > _num(rows.get(c), f"{metric}_ci_high") for c in rivals):
             winner = leader
     return RaceVerdict(winner, leader, better, worse)

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from orchestrator import run_params, stats
+from orchestrator.race_rules import behind_leader
 from search_spaces.presets import PairSet, greedy_candidates
 from trainers.errors import InputError
 from trainers.run_config import PairConfig, pair_text
@@ -71,7 +72,10 @@ def choose(table: pd.DataFrame, metric: str | None = None) -> Choice:
     better = candidates[candidates["verdict"] == "better"]
     if not better.empty:
         winner = better.loc[better["gain_mean"].idxmax()]
-        return Choice(winner, winner, _winner_reason(winner, metric, alpha, len(better)))
+        rivals = [str(name) for name in better["pair_set"] if name != winner["pair_set"]]
+        behind = behind_leader(done, str(winner["pair_set"]), rivals, metric, alpha)
+        reason = _winner_reason(winner, metric, alpha, rivals, behind)
+        return Choice(winner, winner, reason)
     if not done["is_baseline"].any():
         return Choice(
             None,
@@ -125,10 +129,24 @@ def p_text(row: pd.Series | Mapping[str, Any]) -> str:
     return f"adjusted p {seeds} over seeds, {queries} over eval queries"
 
 
-def _winner_reason(row: pd.Series, metric: str, alpha: float, count: int) -> str:
+def _winner_reason(
+    row: pd.Series, metric: str, alpha: float, rivals: list[str], behind: Mapping[str, str]
+) -> str:
     others = ""
-    if count > 1:
-        others = f"; {count - 1} other row{'s are' if count > 2 else ' is'} significant too"
+    if rivals:
+        count = len(rivals)
+        others = f"; {count} other row{'s are' if count > 1 else ' is'} significant too"
+        open_rivals = [r for r in rivals if r not in behind]
+        if not open_rivals:
+            others += (
+                f", and seed for seed it is ahead of {'each' if count > 1 else 'it'} (paired "
+                "t-test, Holm)"
+            )
+        else:
+            others += (
+                f"; seed for seed (paired t-test, Holm) it is ahead of {len(behind)} of them, "
+                f"not yet of {', '.join(open_rivals)}"
+            )
     return (
         f"{row['pair_set']} gains {gain_text(row, metric)}; {p_text(row)}, both below "
         f"{alpha}{others}"

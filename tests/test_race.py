@@ -272,6 +272,31 @@ def test_no_winner_without_separation_from_every_rival():
     assert race.verdict_of(t, ["a", "w"]).winner == "a"
 
 
+def test_a_better_cell_the_leader_beats_seed_for_seed_leaves_though_intervals_overlap():
+    # a - b per seed: 2, 2.5, 2 -> mean 13/6, sd 0.288675, t = 13.0 on 2 df, two-sided
+    # p = 1 - 13 / sqrt(171) = 0.005865; Holm over the two better rivals: 0.01173. The
+    # interval mean +- T2 * sd / sqrt(3) = 2.1667 +- 0.7171. a - c per seed: -1, 3, -1: not
+    # significant. Unpaired, b's high 10.73 is above a's low 8.52: only the pairing tells.
+    a = row("a", 11.0, 11 - T2 / math.sqrt(3), 11 + T2 / math.sqrt(3), "better", seeds=3,
+            by_seed=[10.0, 12.0, 11.0])  # fmt: skip
+    b = row("b", 8.8333, 7.0, 10.73, "better", seeds=3, by_seed=[8.0, 9.5, 9.0])
+    c = row("c", 10.6667, 7.0, 14.0, "better", seeds=3, by_seed=[11.0, 9.0, 12.0])
+    base = row("base", 5.0, 2.5, 7.5, baseline=True, seeds=3, by_seed=[5.0, 6.0, 4.0])
+    t = table(base, a, b, c)
+    assert 1 - 13 / math.sqrt(171) == pytest.approx(0.005865, abs=1e-6)
+    why = "the leader a is ahead by +2.17 [+1.45, +2.88] paired over 3 seeds (Holm-adjusted p 0.0117 over 2)"  # noqa: E501
+    assert race.behind_leader(t, "a", ["b", "c"]) == {"b": why}
+    step = race.decide(t, ["a", "b", "c"], seeds=3, max_seeds=5)
+    assert step.dropped == {"b": f"better, and {why}"}
+    assert step.kept == ("a", "c") and step.leader == "a" and not step.stop
+    # The winner needs every rival told apart: b is (seed for seed), c is not.
+    assert race.verdict_of(t, ["a", "b"]).winner == "a"
+    assert race.verdict_of(t, ["a", "b", "c"]).winner is None
+    # An open cell is never dropped for being behind: it may still turn better or worse.
+    t_open = table(base, a, {**b, "verdict": "open"}, c)
+    assert race.decide(t_open, ["a", "b", "c"], seeds=3, max_seeds=5).dropped == {}
+
+
 # ------------------------------------------------------------------------------ the ledger
 def grid_runs(values: dict[str, list[float]], baseline: str = "base", status=None):
     """A runs_frame-shaped grid: one FINISHED run per (pair set, seed) with that rsum."""

@@ -165,7 +165,22 @@ def test_best_pair_set_is_the_largest_significant_gain():
     choice = choose(table)
     assert choice.winner["pair_set"] == choice.leading["pair_set"] == "+sd"
     assert choice.reason.startswith("+sd gains +10.33 rsum [95% CI +8.90, +11.77 over 3 seeds; ")
-    assert "both below 0.05; 1 other row is significant too" in choice.reason
+    # +sd - +ssd is 6 on every seed (zero spread: p 0): the lead is settled seed for seed.
+    assert choice.reason.endswith(
+        "both below 0.05; 1 other row is significant too, and seed for seed it is ahead of "
+        "it (paired t-test, Holm)"
+    )
+    # +sd - +x per seed: 1, 5, 0.5 (t = 1.52 on 2 df, p 0.27): both better, lead not settled.
+    close = table_of(
+        BASELINE,
+        ("+sd", f"{BASE},intra_ts:sd", [110.0, 116.0, 114.0]),
+        ("+x", f"{BASE},intra_ss:sd", [109.0, 111.0, 113.5]),
+    )
+    assert choose(close).winner["pair_set"] == "+sd"
+    assert choose(close).reason.endswith(
+        "1 other row is significant too; seed for seed (paired t-test, Holm) it is ahead of 0 "
+        "of them, not yet of +x"
+    )
     by_r1 = table_of(
         BASELINE, ("+sd", f"{BASE},intra_ts:sd", [99.0, 101.0, 103.0]), metric="t2i_R1"
     )
