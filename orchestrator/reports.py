@@ -174,13 +174,6 @@ def _numbers(row: pd.Series, metric: str) -> list[str]:
     return lines
 
 
-def _others(result: pd.DataFrame) -> str:
-    count = int((result["verdict"] == "better").sum()) - 1
-    if count < 1:
-        return ""
-    return f"; {count} other row{'s are' if count > 1 else ' is'} significantly better too"
-
-
 def _choice_lines(result: pd.DataFrame, metric: str) -> list[str]:
     choice = selection.choose(result, metric)
     if choice.winner is not None:
@@ -188,7 +181,8 @@ def _choice_lines(result: pd.DataFrame, metric: str) -> list[str]:
             f"best pair set by {metric}: {choice.winner['pair_set']}",
             *_numbers(choice.winner, metric),
             f"  significant: both adjusted p below {result.attrs['alpha']} "
-            f"({result.attrs['correction']} across the table's rows){_others(result)}",
+            f"({result.attrs['correction']} across the table's rows)"
+            f"{selection.rivals_text(result, choice.winner, metric)}",
         ]
     lines = [
         f"best pair set by {metric}: none is significantly better than the baseline",

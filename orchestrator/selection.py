@@ -72,9 +72,7 @@ def choose(table: pd.DataFrame, metric: str | None = None) -> Choice:
     better = candidates[candidates["verdict"] == "better"]
     if not better.empty:
         winner = better.loc[better["gain_mean"].idxmax()]
-        rivals = [str(name) for name in better["pair_set"] if name != winner["pair_set"]]
-        behind = behind_leader(done, str(winner["pair_set"]), rivals, metric, alpha)
-        reason = _winner_reason(winner, metric, alpha, rivals, behind)
+        reason = _winner_reason(winner, metric, alpha, rivals_text(table, winner, metric))
         return Choice(winner, winner, reason)
     if not done["is_baseline"].any():
         return Choice(
@@ -129,24 +127,33 @@ def p_text(row: pd.Series | Mapping[str, Any]) -> str:
     return f"adjusted p {seeds} over seeds, {queries} over eval queries"
 
 
-def _winner_reason(
-    row: pd.Series, metric: str, alpha: float, rivals: list[str], behind: Mapping[str, str]
-) -> str:
-    others = ""
-    if rivals:
-        count = len(rivals)
-        others = f"; {count} other row{'s are' if count > 1 else ' is'} significant too"
-        open_rivals = [r for r in rivals if r not in behind]
-        if not open_rivals:
-            others += (
-                f", and seed for seed it is ahead of {'each' if count > 1 else 'it'} (paired "
-                "t-test, Holm)"
-            )
-        else:
-            others += (
-                f"; seed for seed (paired t-test, Holm) it is ahead of {len(behind)} of them, "
-                f"not yet of {', '.join(open_rivals)}"
-            )
+def rivals_text(table: pd.DataFrame, winner: pd.Series, metric: str | None = None) -> str:
+    """ "; N other rows are significant too" and whether the winner is ahead of each of them
+    seed for seed (``race_rules.behind_leader``: paired t-test, Holm over those rows); "" when
+    no other row is significantly better."""
+    metric = _metric(table, metric)
+    alpha = float(table.attrs.get("alpha", 0.05))
+    done = _finished(table)
+    better = done[(~done["is_baseline"]) & (done["verdict"] == "better")]
+    rivals = [str(name) for name in better["pair_set"] if name != winner["pair_set"]]
+    if not rivals:
+        return ""
+    behind = behind_leader(done, str(winner["pair_set"]), rivals, metric, alpha)
+    count = len(rivals)
+    text = f"; {count} other row{'s are' if count > 1 else ' is'} significantly better too"
+    open_rivals = [r for r in rivals if r not in behind]
+    if not open_rivals:
+        return text + (
+            f", and seed for seed it is ahead of {'each' if count > 1 else 'it'} (paired "
+            "t-test, Holm)"
+        )
+    return text + (
+        f"; seed for seed (paired t-test, Holm) it is ahead of {len(behind)} of them, not "
+        f"yet of {', '.join(open_rivals)}"
+    )
+
+
+def _winner_reason(row: pd.Series, metric: str, alpha: float, others: str) -> str:
     return (
         f"{row['pair_set']} gains {gain_text(row, metric)}; {p_text(row)}, both below "
         f"{alpha}{others}"

@@ -167,8 +167,8 @@ def test_best_pair_set_is_the_largest_significant_gain():
     assert choice.reason.startswith("+sd gains +10.33 rsum [95% CI +8.90, +11.77 over 3 seeds; ")
     # +sd - +ssd is 6 on every seed (zero spread: p 0): the lead is settled seed for seed.
     assert choice.reason.endswith(
-        "both below 0.05; 1 other row is significant too, and seed for seed it is ahead of "
-        "it (paired t-test, Holm)"
+        "both below 0.05; 1 other row is significantly better too, and seed for seed it is "
+        "ahead of it (paired t-test, Holm)"
     )
     # +sd - +x per seed: 1, 5, 0.5 (t = 1.52 on 2 df, p 0.27): both better, lead not settled.
     close = table_of(
@@ -178,7 +178,8 @@ def test_best_pair_set_is_the_largest_significant_gain():
     )
     assert choose(close).winner["pair_set"] == "+sd"
     assert choose(close).reason.endswith(
-        "1 other row is significant too; seed for seed (paired t-test, Holm) it is ahead of 0 "
+        "1 other row is significantly better too; seed for seed (paired t-test, Holm) it is "
+        "ahead of 0 "
         "of them, not yet of +x"
     )
     by_r1 = table_of(
