@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import trainers  # noqa: F401  (torchvision compat before open_clip)
+from trainers.export import random_inputs
 from trainers.models import builtin_model_names, clip_of, load_model
 from trainers.precision import cpu_has_bf16_dot_products
 
@@ -45,12 +46,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def step_seconds(model: torch.nn.Module, batch_size: int, steps: int, bf16: bool) -> float:
     """Median wall seconds of one CLIP-loss training step (after 3 untimed ones)."""
     clip = clip_of(model).train()
-    generator = torch.Generator().manual_seed(0)
-    size = clip.visual.image_size[0]
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
-    context = getattr(clip, "context_length", None) or clip.text.context_length
-    vocab = getattr(clip, "vocab_size", None) or clip.text.vocab_size
-    tokens = torch.randint(1, vocab, (batch_size, context), generator=generator)
+    images, tokens = random_inputs(clip, batch_size)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-5, fused=True)
     labels = torch.arange(batch_size)
 

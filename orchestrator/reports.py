@@ -182,7 +182,7 @@ def _choice_lines(result: pd.DataFrame, metric: str) -> list[str]:
             *_numbers(choice.winner, metric),
             f"  significant: both adjusted p below {result.attrs['alpha']} "
             f"({result.attrs['correction']} across the table's rows)"
-            f"{selection.rivals_text(result, choice.winner, metric)}",
+            f"{choice.rivals}",
         ]
     lines = [
         f"best pair set by {metric}: none is significantly better than the baseline",

@@ -55,11 +55,13 @@ class Choice:
     """The verdict of a table: ``winner`` (the "better" row with the largest gain_mean, or
     None), ``leading`` (the non-baseline row with the largest paired gain, the winner when
     there is one; None when the table has no candidate) and ``reason``: plain sentences
-    saying why, and what would settle it when nothing is significant."""
+    saying why, and what would settle it when nothing is significant. ``rivals``: with a
+    winner, the part of ``reason`` about the other significant rows (``_rivals_text``)."""
 
     winner: pd.Series | None
     leading: pd.Series | None
     reason: str
+    rivals: str = ""
 
 
 def choose(table: pd.DataFrame, metric: str | None = None) -> Choice:
@@ -72,8 +74,8 @@ def choose(table: pd.DataFrame, metric: str | None = None) -> Choice:
     better = candidates[candidates["verdict"] == "better"]
     if not better.empty:
         winner = better.loc[better["gain_mean"].idxmax()]
-        reason = _winner_reason(winner, metric, alpha, rivals_text(table, winner, metric))
-        return Choice(winner, winner, reason)
+        rivals = _rivals_text(done, better, winner, metric, alpha)
+        return Choice(winner, winner, _winner_reason(winner, metric, alpha, rivals), rivals)
     if not done["is_baseline"].any():
         return Choice(
             None,
@@ -127,14 +129,13 @@ def p_text(row: pd.Series | Mapping[str, Any]) -> str:
     return f"adjusted p {seeds} over seeds, {queries} over eval queries"
 
 
-def rivals_text(table: pd.DataFrame, winner: pd.Series, metric: str | None = None) -> str:
-    """ "; N other rows are significant too" and whether the winner is ahead of each of them
-    seed for seed (``race_rules.behind_leader``: paired t-test, Holm over those rows); "" when
-    no other row is significantly better."""
-    metric = _metric(table, metric)
-    alpha = float(table.attrs.get("alpha", 0.05))
-    done = _finished(table)
-    better = done[(~done["is_baseline"]) & (done["verdict"] == "better")]
+def _rivals_text(
+    done: pd.DataFrame, better: pd.DataFrame, winner: pd.Series, metric: str, alpha: float
+) -> str:
+    """ "; N other rows are significantly better too" (``better``: the significant rows of
+    ``done``, the finished ones, winner included) and whether the winner is ahead of each of
+    them seed for seed (``race_rules.behind_leader``: paired t-test, Holm over those rows);
+    "" when no other row is significantly better."""
     rivals = [str(name) for name in better["pair_set"] if name != winner["pair_set"]]
     if not rivals:
         return ""

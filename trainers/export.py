@@ -141,6 +141,25 @@ def _per_second(run: Callable[[], Tensor], items: int, iters: int, device: torch
     return items / statistics.median(times)
 
 
+def random_inputs(
+    model: nn.Module,
+    batch_size: int,
+    image_size: int | None = None,
+    context_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images B x 3 x S x S float32, token ids B x L int64) drawn from a fixed seed, on CPU,
+    for timing ``model`` (speed does not depend on values); S and L default to the model's."""
+    clip = clip_of(model)
+    image_size = image_size or clip.visual.image_size[0]
+    context_length = context_length or getattr(clip, "context_length", None)
+    context_length = context_length or clip.text.context_length
+    vocab_size = getattr(clip, "vocab_size", None) or clip.text.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    tokens = torch.randint(0, vocab_size, (batch_size, context_length), generator=generator)
+    return images, tokens
+
+
 def encode_throughput(
     model: nn.Module,
     image_size: int | None = None,
@@ -156,14 +175,8 @@ def encode_throughput(
     """
     clip = clip_of(model)
     device = torch.device(device)
-    image_size = image_size or clip.visual.image_size[0]
-    context_length = context_length or getattr(clip, "context_length", None)
-    context_length = context_length or clip.text.context_length
-    vocab_size = getattr(clip, "vocab_size", None) or clip.text.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
-    tokens = torch.randint(0, vocab_size, (batch_size, context_length), generator=generator)
-    tokens = tokens.to(device)
+    images, tokens = random_inputs(clip, batch_size, image_size, context_length)
+    images, tokens = images.to(device), tokens.to(device)
     was_training = clip.training
     clip.to(device).eval()
     try:
