@@ -56,8 +56,10 @@ def _teacher_cache(args: argparse.Namespace) -> int:
         },
         source="command line",
     )
-    init_ray(args.address)
+    # The teacher trains (when it must) before Ray starts: the cluster's daemons would share
+    # the cores with it. The cache is built by Ray tasks.
     cfg = resolve_run(settings.run, workspace, use_teacher_cache=False)
+    init_ray(args.address)
     directory = ensure_teacher_cache(cfg, workspace)
     print(directory)
     return 0
@@ -77,8 +79,12 @@ def _train(args: argparse.Namespace) -> int:
     settings = build_settings(file_values, flags, source=args.config or "command line")
     out = Path(args.out or "runs/train").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    workspace = workspace_of(args)
+    # Data and teacher first, then Ray (whose daemons would share the cores with the teacher's
+    # training), then the teacher cache, which Ray tasks build.
+    cfg = resolve_run(settings.run, workspace, use_teacher_cache=False)
     init_ray(args.address)
-    cfg = resolve_run(settings.run, workspace_of(args), settings.use_teacher_cache)
+    cfg = resolve_run(cfg, workspace, settings.use_teacher_cache)
     run_name = args.name or "train"
     print(
         f"training {', '.join(p.pair for p in cfg.pairs)} on "

@@ -463,3 +463,28 @@ def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monke
     with_teacher = resolve_spec(_spec({"ts": [{"pair": "intra_ts:sd"}]}, pairs="inter_ss:fd"),
                                 workspace, True)  # fmt: skip
     assert made == ["teacher", "cache"] and with_teacher.run.teacher_checkpoint == "/t.pt"
+
+
+def test_the_teacher_trains_before_ray_starts_and_its_cache_after(monkeypatch, tmp_path):
+    """An idle local cluster's daemons share the 2 cores with the teacher's training, so the
+    ablation and the demo train it before ``init_ray``; the cache needs Ray's tasks."""
+    from orchestrator import ablate_cli, assets
+    from orchestrator.config import Workspace
+
+    made = []
+    shards = assets.Shards(train="/d/train", eval="/d/eval")
+    monkeypatch.setattr(assets, "ensure_builtin_data", lambda workspace: shards)
+    monkeypatch.setattr(
+        assets,
+        "ensure_builtin_teacher",
+        lambda workspace, shards: made.append("teacher") or ("t", "/t.pt", {}),
+    )
+    monkeypatch.setattr(assets, "ensure_teacher_cache",
+                        lambda cfg, workspace: made.append("cache") or tmp_path)  # fmt: skip
+    monkeypatch.setattr(ablate_cli, "init_ray",
+                        lambda address, log_to_driver: made.append(f"ray {address}"))  # fmt: skip
+    spec = _spec({"ts": [{"pair": "intra_ts:sd"}]})
+    resolved = ablate_cli._resolve_around_ray(spec, Workspace(home=tmp_path), True, "auto")
+    assert made == ["teacher", "ray auto", "cache"]
+    assert resolved.run.teacher_checkpoint == "/t.pt"
+    assert resolved.run.teacher_cache == str(tmp_path)
