@@ -442,10 +442,11 @@ def test_ablate_and_report_commands_share_one_default_out_and_no_import():
         assert f"orchestrator.{other}" not in imported, module.__name__
 
 
-def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monkeypatch, tmp_path):
+def _record_asset_builds(monkeypatch, tmp_path) -> list[str]:
+    """The built-in data, teacher and teacher cache replaced by recorders (they take minutes):
+    the list they append "teacher" and "cache" to; data at /d/train, teacher /t.pt, cache
+    ``tmp_path``."""
     from orchestrator import assets
-    from orchestrator.ablation import resolve_spec
-    from orchestrator.config import Workspace
 
     made = []
     shards = assets.Shards(train="/d/train", eval="/d/eval")
@@ -457,6 +458,14 @@ def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monke
     )
     monkeypatch.setattr(assets, "ensure_teacher_cache",
                         lambda cfg, workspace: made.append("cache") or tmp_path)  # fmt: skip
+    return made
+
+
+def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monkeypatch, tmp_path):
+    from orchestrator.ablation import resolve_spec
+    from orchestrator.config import Workspace
+
+    made = _record_asset_builds(monkeypatch, tmp_path)
     workspace = Workspace(home=tmp_path)
     student_only = resolve_spec(_spec({"ss": [{"pair": "inter_ss:infonce"}]}), workspace, True)
     assert made == [] and student_only.run.train_shards == "/d/train"
@@ -468,19 +477,10 @@ def test_resolve_spec_prepares_the_teacher_only_for_pair_sets_that_read_it(monke
 def test_the_teacher_trains_before_ray_starts_and_its_cache_after(monkeypatch, tmp_path):
     """An idle local cluster's daemons share the 2 cores with the teacher's training, so the
     ablation and the demo train it before ``init_ray``; the cache needs Ray's tasks."""
-    from orchestrator import ablate_cli, assets
+    from orchestrator import ablate_cli
     from orchestrator.config import Workspace
 
-    made = []
-    shards = assets.Shards(train="/d/train", eval="/d/eval")
-    monkeypatch.setattr(assets, "ensure_builtin_data", lambda workspace: shards)
-    monkeypatch.setattr(
-        assets,
-        "ensure_builtin_teacher",
-        lambda workspace, shards: made.append("teacher") or ("t", "/t.pt", {}),
-    )
-    monkeypatch.setattr(assets, "ensure_teacher_cache",
-                        lambda cfg, workspace: made.append("cache") or tmp_path)  # fmt: skip
+    made = _record_asset_builds(monkeypatch, tmp_path)
     monkeypatch.setattr(ablate_cli, "init_ray",
                         lambda address, log_to_driver: made.append(f"ray {address}"))  # fmt: skip
     spec = _spec({"ts": [{"pair": "intra_ts:sd"}]})
