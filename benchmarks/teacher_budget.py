@@ -54,6 +54,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # smaller pictures, same patch size: 6 x 6 patches instead of 8 x 8 (the 64 px shards are
     # resized by the teacher's own preprocessing)
     "img48": {"vision_cfg": {"image_size": 48}},
+    # a timm convolutional image tower (random init, average-pooled, linear projection):
+    # convolutions' locality is the prior a ViT trained from scratch has to learn first
+    "r10t": {"vision_cfg": {"timm_model_name": "resnet10t"}},
+    "r14t": {"vision_cfg": {"timm_model_name": "resnet14t"}},
+    "r18": {"vision_cfg": {"timm_model_name": "resnet18"}},
+    "cnatto": {"vision_cfg": {"timm_model_name": "convnext_atto"}},
     "resnet64": {
         "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
     },
