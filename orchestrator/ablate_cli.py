@@ -411,14 +411,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _resolve_around_ray(
     spec: AblationSpec, workspace: Workspace, use_cache: bool, address: str | None
 ) -> AblationSpec:
-    """``spec`` resolved (built-in data, teacher, teacher cache), with Ray started in between:
-    the data and the teacher are made in this process before the cluster exists, because an
-    idle local cluster's daemons slowed the built-in teacher's training from 185 to 172
-    samples/s on 2 cores; the teacher cache is built by Ray tasks, so after ``init_ray``."""
-    spec = resolve_spec(spec, workspace, use_teacher_cache=False)
+    """``spec`` resolved with Ray started after the teacher and before its cache
+    (``orchestrator.assets.resolve_run_around_ray``)."""
     # Tune's status table is the progress; per-worker logs would drown it.
-    init_ray(address, log_to_driver=False)
-    return resolve_spec(spec, workspace, use_cache)
+    return resolve_spec(
+        spec, workspace, use_cache, start_ray=lambda: init_ray(address, log_to_driver=False)
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -152,13 +153,23 @@ def pair_sets_by_name(pair_sets: list[PairSet]) -> dict[str, tuple[PairConfig, .
     return {pair_set.name: pair_set.pairs for pair_set in pair_sets}
 
 
-def resolve_spec(spec: AblationSpec, workspace: Workspace, use_teacher_cache: bool) -> AblationSpec:
+def resolve_spec(
+    spec: AblationSpec,
+    workspace: Workspace,
+    use_teacher_cache: bool,
+    start_ray: Callable[[], object] | None = None,
+) -> AblationSpec:
     """``spec`` with the built-in data, the teacher and its cache filled into its run where
     it names none (``orchestrator.assets.resolve_run``); the teacher only when a pair set
-    needs it."""
-    from orchestrator.assets import resolve_run
+    needs it. With ``start_ray``, Ray starts after the teacher and before its cache
+    (``orchestrator.assets.resolve_run_around_ray``)."""
+    from orchestrator.assets import resolve_run, resolve_run_around_ray
 
-    run = resolve_run(spec.run, workspace, use_teacher_cache, needs_teacher=spec.needs_teacher)
+    needs = spec.needs_teacher
+    if start_ray is None:
+        run = resolve_run(spec.run, workspace, use_teacher_cache, needs_teacher=needs)
+    else:
+        run = resolve_run_around_ray(spec.run, workspace, use_teacher_cache, start_ray, needs)
     return spec.model_copy(update={"run": run})
 
 

@@ -11,8 +11,7 @@ from orchestrator.assets import (
     Shards,
     ensure_builtin_data,
     ensure_builtin_teacher,
-    ensure_teacher_cache,
-    resolve_run,
+    resolve_run_around_ray,
 )
 from orchestrator.cli_flags import AMP_HELP, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import Workspace, build_settings, read_yaml
@@ -56,12 +55,10 @@ def _teacher_cache(args: argparse.Namespace) -> int:
         },
         source="command line",
     )
-    # The teacher trains (when it must) before Ray starts: the cluster's daemons would share
-    # the cores with it. The cache is built by Ray tasks.
-    cfg = resolve_run(settings.run, workspace, use_teacher_cache=False)
-    init_ray(args.address)
-    directory = ensure_teacher_cache(cfg, workspace)
-    print(directory)
+    cfg = resolve_run_around_ray(
+        settings.run, workspace, True, lambda: init_ray(args.address), needs_teacher=True
+    )
+    print(cfg.teacher_cache)
     return 0
 
 
@@ -80,11 +77,9 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/train").resolve()
     out.mkdir(parents=True, exist_ok=True)
     workspace = workspace_of(args)
-    # Data and teacher first, then Ray (whose daemons would share the cores with the teacher's
-    # training), then the teacher cache, which Ray tasks build.
-    cfg = resolve_run(settings.run, workspace, use_teacher_cache=False)
-    init_ray(args.address)
-    cfg = resolve_run(cfg, workspace, settings.use_teacher_cache)
+    cfg = resolve_run_around_ray(
+        settings.run, workspace, settings.use_teacher_cache, lambda: init_ray(args.address)
+    )
     run_name = args.name or "train"
     print(
         f"training {', '.join(p.pair for p in cfg.pairs)} on "
