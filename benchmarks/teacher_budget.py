@@ -1,13 +1,14 @@
 """Built-in teacher candidates at one budget: architecture, steps, batch and learning rate.
 
-Each candidate is an open_clip config (the shipped conaclip-teacher.json with the fields the
-candidate changes), registered with open_clip from a temporary directory and trained from
-scratch with the loop the product uses (``trainers.teacher.teacher_config``: the CLIP loss,
-warm-up + cosine), on the built-in data, 2 threads, then evaluated on the built-in eval set
-(1k images x 5k captions). One JSON line per candidate is appended to --out.
+Each candidate is an open_clip config (the shipped conaclip-teacher.json, or the same with the
+former ViT image tower, with the fields the candidate changes), registered with open_clip from
+a temporary directory and trained from scratch with the loop the product uses
+(``trainers.teacher.teacher_config``: the CLIP loss, warm-up + cosine), on the built-in data,
+2 threads, then evaluated on the built-in eval set (1k images x 5k captions). One JSON line
+per candidate is appended to --out.
 
-    python benchmarks/teacher_budget.py --candidate shipped --steps 220
-    python benchmarks/teacher_budget.py --candidate w192x3 --steps 500 --lr 2e-3
+    python benchmarks/teacher_budget.py --candidate shipped --steps 600 --amp
+    python benchmarks/teacher_budget.py --candidate vit --steps 520 --amp
 """
 
 from __future__ import annotations
@@ -26,53 +27,70 @@ from trainers.distill import train_loop_per_worker
 from trainers.models import CONFIG_DIR
 from trainers.teacher import TEACHER_LR, teacher_config
 
-# name -> changes to conaclip-teacher.json: {"vision_cfg": {...}, "text_cfg": {...}, ...}
-CANDIDATES: dict[str, dict[str, Any]] = {
-    "shipped": {},
-    "w192x3": {
-        "vision_cfg": {"width": 192, "layers": 3},
-        "text_cfg": {"width": 192, "heads": 3, "layers": 3},
-    },
-    "w256x3": {"vision_cfg": {"layers": 3}, "text_cfg": {"layers": 3}},
-    "w192x4": {
-        "vision_cfg": {"width": 192, "layers": 4},
-        "text_cfg": {"width": 192, "heads": 3, "layers": 4},
-    },
-    "w128x4": {
-        "vision_cfg": {"width": 128, "layers": 4},
-        "text_cfg": {"width": 128, "heads": 2, "layers": 4},
-    },
+# The former built-in teacher's image tower (a ViT, width 192 x 4, patch 8), the base of the
+# ViT candidates; the shipped one is a timm resnet10t (README "Teacher pre-training").
+VIT_VISION: dict[str, Any] = {
+    "image_size": 64,
+    "patch_size": 8,
+    "width": 192,
+    "layers": 4,
+    "head_width": 64,
+    "mlp_ratio": 4.0,
+}
+# name -> (base, changes to it: {"vision_cfg": {...}, "text_cfg": {...}, ...}); base "shipped"
+# is conaclip-teacher.json as it is, "vit" the same with the ViT image tower above.
+CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
+    "shipped": ("shipped", {}),
+    "vit": ("vit", {}),
+    "w192x3": (
+        "vit",
+        {
+            "vision_cfg": {"width": 192, "layers": 3},
+            "text_cfg": {"width": 192, "heads": 3, "layers": 3},
+        },
+    ),
+    "w256x3": (
+        "vit",
+        {
+            "vision_cfg": {"width": 256, "layers": 3},
+            "text_cfg": {"width": 256, "heads": 4, "layers": 3},
+        },
+    ),
+    "w128x4": (
+        "vit",
+        {
+            "vision_cfg": {"width": 128, "layers": 4},
+            "text_cfg": {"width": 128, "heads": 2, "layers": 4},
+        },
+    ),
     # FLIP-style: half the image patches dropped at random in training (none at eval)
-    "pd50": {"vision_cfg": {"patch_dropout": 0.5}},
+    "pd50": ("vit", {"vision_cfg": {"patch_dropout": 0.5}}),
     # the image tower pools by averaging its patch tokens instead of reading a class token
-    "avgpool": {"vision_cfg": {"pool_type": "avg"}},
+    "avgpool": ("vit", {"vision_cfg": {"pool_type": "avg"}}),
     # the contrastive temperature starts at 1/30, 1/50 or 1/100 instead of CLIP's 1/14.3
     # (still learned; the loop clamps the logit scale at 100)
-    "ls30": {"init_logit_scale": 3.4012},
-    "ls50": {"init_logit_scale": 3.912},
-    "ls100": {"init_logit_scale": 4.6052},
-    # smaller pictures, same patch size: 6 x 6 patches instead of 8 x 8 (the 64 px shards are
-    # resized by the teacher's own preprocessing)
-    "img48": {"vision_cfg": {"image_size": 48}},
-    # a timm convolutional image tower (random init, average-pooled, linear projection):
-    # convolutions' locality is the prior a ViT trained from scratch has to learn first
-    "r10t": {"vision_cfg": {"timm_model_name": "resnet10t"}},
-    "r14t": {"vision_cfg": {"timm_model_name": "resnet14t"}},
-    "r18": {"vision_cfg": {"timm_model_name": "resnet18"}},
-    "cnatto": {"vision_cfg": {"timm_model_name": "convnext_atto"}},
-    "resnet64": {
-        "vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
-    },
+    "ls30": ("vit", {"init_logit_scale": 3.4012}),
+    "ls50": ("vit", {"init_logit_scale": 3.912}),
+    "ls100": ("vit", {"init_logit_scale": 4.6052}),
+    # smaller pictures: 6 x 6 patches of 8 px instead of 8 x 8 (the 64 px shards are resized
+    # by the teacher's own preprocessing)
+    "img48": ("vit", {"vision_cfg": {"image_size": 48}}),
+    # other timm convolutional image towers (random init, average-pooled, linear projection)
+    "r14t": ("shipped", {"vision_cfg": {"timm_model_name": "resnet14t"}}),
+    "r18": ("shipped", {"vision_cfg": {"timm_model_name": "resnet18"}}),
+    "cnatto": ("shipped", {"vision_cfg": {"timm_model_name": "convnext_atto"}}),
+    # open_clip's ModifiedResNet (CLIP's RN50 design) at width 32
+    "resnet64": ("vit", {"vision_cfg": {"layers": [1, 1, 1, 1], "width": 32, "head_width": 64}}),
 }
 
 
 def candidate_config(name: str) -> dict[str, Any]:
+    base, changes = CANDIDATES[name]
     config = json.loads((CONFIG_DIR / "conaclip-teacher.json").read_text())
-    for section, changes in CANDIDATES[name].items():
-        if isinstance(changes, dict):
-            config[section] = {**config[section], **changes}
-        else:
-            config[section] = changes
+    if base == "vit":
+        config["vision_cfg"] = dict(VIT_VISION)
+    for section, change in changes.items():
+        config[section] = {**config[section], **change} if isinstance(change, dict) else change
     return config
 
 

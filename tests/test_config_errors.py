@@ -129,7 +129,7 @@ def test_one_teacher_budget_per_precision():
     from trainers.teacher import teacher_config
 
     assert teacher_config("train", "eval", amp=False).steps == 400
-    assert teacher_config("train", "eval", amp=True).steps == 520
+    assert teacher_config("train", "eval", amp=True).steps == 600
     assert teacher_config("train", "eval").amp is bf16_autocast_pays()
     assert teacher_config("train", "eval", amp=True, steps=7).steps == 7
 

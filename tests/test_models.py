@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from itertools import pairwise
 from pathlib import Path
 
 import open_clip
@@ -32,8 +33,16 @@ EXPECTED_NAMES = [
     "conaclip-student-xs",
     "conaclip-teacher",
 ]
-# Only these keys appear in the shipped configs, so the hand formula below covers them all.
+# Only these keys appear in the shipped configs, so the hand formulas below cover them all: the
+# students' image towers are ViTs, the teacher's a timm ResNet-10-T.
 VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}
+TIMM_VISION_KEYS = {
+    "image_size",
+    "timm_model_name",
+    "timm_model_pretrained",
+    "timm_pool",
+    "timm_proj",
+}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
@@ -49,11 +58,26 @@ def _block_params(width: int, mlp_ratio: float) -> int:
     return attention + mlp + norms
 
 
-def _hand_counts(cfg: dict) -> dict[str, int]:
-    embed, vision, text = cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]
+def _basic_block_params(c_in: int, c_out: int) -> int:
+    """A timm ResNet BasicBlock: two 3x3 convolutions (no bias) with BatchNorm (weight + bias
+    each), and where the width changes, the avg-down shortcut's 1x1 convolution + BatchNorm."""
+    convs = 9 * c_in * c_out + 9 * c_out * c_out + 2 * 2 * c_out
+    shortcut = c_in * c_out + 2 * c_out if c_in != c_out else 0
+    return convs + shortcut
+
+
+def _resnet10t_params() -> int:
+    """timm's resnet10t without its classifier: a tiered deep stem (3x3 convolutions 3 -> 24
+    -> 32 -> 64, BatchNorm after each) and one BasicBlock per stage at 64, 128, 256, 512."""
+    stem = 9 * 3 * 24 + 2 * 24 + 9 * 24 * 32 + 2 * 32 + 9 * 32 * 64 + 2 * 64
+    widths = [64, 64, 128, 256, 512]
+    return stem + sum(_basic_block_params(a, b) for a, b in pairwise(widths))
+
+
+def _vit_image_params(vision: dict, embed: int) -> int:
     w, patch = vision["width"], vision["patch_size"]
     grid = vision["image_size"] // patch
-    image = (
+    return (
         3 * patch * patch * w  # conv1, no bias
         + w  # class embedding
         + (grid * grid + 1) * w  # positional embedding
@@ -62,6 +86,15 @@ def _hand_counts(cfg: dict) -> dict[str, int]:
         + 2 * w  # ln_post
         + w * embed  # proj
     )
+
+
+def _hand_counts(cfg: dict) -> dict[str, int]:
+    embed, vision, text = cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]
+    if "timm_model_name" in vision:
+        assert vision["timm_model_name"] == "resnet10t", "only resnet10t is worked by hand"
+        image = _resnet10t_params() + 512 * embed  # trunk + linear projection, no bias
+    else:
+        image = _vit_image_params(vision, embed)
     tw = text["width"]
     token_embedding = text["vocab_size"] * tw
     text_params = (
@@ -101,7 +134,8 @@ def test_builtin_names_and_idempotent_registration() -> None:
 def test_config_matches_builtin_setting(name: str) -> None:
     cfg = _config(name)
     assert set(cfg) == {"embed_dim", "vision_cfg", "text_cfg"}
-    assert set(cfg["vision_cfg"]) == VISION_KEYS
+    timm = name == "conaclip-teacher"
+    assert set(cfg["vision_cfg"]) == (TIMM_VISION_KEYS if timm else VISION_KEYS)
     assert set(cfg["text_cfg"]) == TEXT_KEYS
     assert cfg["vision_cfg"]["image_size"] == 64
     assert cfg["text_cfg"]["context_length"] == 32
@@ -117,18 +151,27 @@ def test_parameter_counts_match_hand_formula(built: dict[str, LoadedModel], name
         assert counts[key] == value, key
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     # One block on its own against the formula, so a compensating error elsewhere cannot hide.
-    vision_block = model.visual.transformer.resblocks[0]
-    w = cfg["vision_cfg"]["width"]
-    assert sum(p.numel() for p in vision_block.parameters()) == 12 * w * w + 13 * w
+    if "timm_model_name" in cfg["vision_cfg"]:
+        last_block = model.visual.trunk.layer4[0]
+        assert sum(p.numel() for p in last_block.parameters()) == _basic_block_params(256, 512)
+    else:
+        vision_block = model.visual.transformer.resblocks[0]
+        w = cfg["vision_cfg"]["width"]
+        assert sum(p.numel() for p in vision_block.parameters()) == 12 * w * w + 13 * w
     assert embed_dim_of(model) == cfg["embed_dim"]
 
 
 def test_hand_formula_on_a_known_size() -> None:
-    # Teacher: ViT w192 L4 + text w192 L4 at 64x64, patch 8, context 32, embed 256: worked by
-    # hand, image 36,864 patch conv + 192 class + 12,480 positions + 2 x 384 norms
-    # + 4 x 444,864 blocks + 49,152 projection = 1,878,912; text 9,486,336 tokens + 6,144
-    # positions + 1,779,456 blocks + 384 norm + 49,152 projection = 11,321,472; + 1 logit scale.
-    assert _hand_counts(_config("conaclip-teacher"))["total"] == 13_200_385
+    # Teacher: timm resnet10t + text w192 L4, context 32, embed 256: worked by hand, stem 648 +
+    # 48 + 6,912 + 64 + 18,432 + 128 = 26,232; stages 73,984 + 230,144 + 919,040 + 3,673,088;
+    # trunk 4,922,488 (timm's 5.44M less its 513,000-parameter classifier) + 131,072 projection
+    # = 5,053,560; text 9,486,336 tokens + 6,144 positions + 1,779,456 blocks + 384 norm +
+    # 49,152 projection = 11,321,472; + 1 logit scale.
+    assert _hand_counts(_config("conaclip-teacher"))["total"] == 16_375_033
+    # The former ViT teacher (w192 L4 image tower at 64x64, patch 8): 36,864 patch conv + 192
+    # class + 12,480 positions + 2 x 384 norms + 4 x 444,864 blocks + 49,152 projection.
+    vit = {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "mlp_ratio": 4.0}
+    assert _vit_image_params(vit, 256) == 1_878_912
 
 
 def test_model_sizes(built: dict[str, LoadedModel]) -> None:
