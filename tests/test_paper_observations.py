@@ -1,0 +1,61 @@
+"""benchmarks/paper_observations.py on a hand-made grid in runs_frame's column layout."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_observations.py"
+
+
+@pytest.fixture(scope="module")
+def observations():
+    spec = importlib.util.spec_from_file_location("paper_observations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runs() -> pd.DataFrame:
+    values = {
+        "baseline": [100.0, 90.0, 95.0],
+        "baseline+inter_ts:sd": [110.0, 102.0, 104.0],
+        "baseline+inter_ts:sym_sd": [108.0, 101.0, 100.0],
+        "baseline+inter_ts:kl": [105.0, 95.0, 99.0],
+    }
+    rows = [
+        {"status": "FINISHED", "params.pair_set": name, "params.seed": str(seed), "metrics.rsum": v}
+        for name, column in values.items()
+        for seed, v in enumerate(column)
+    ]
+    # A failed run never counts, and a second FINISHED run of (cell, seed) replaces the first.
+    rows.insert(0, {"status": "FINISHED", "params.pair_set": "baseline+inter_ts:sd",
+                    "params.seed": "0", "metrics.rsum": 1.0})  # fmt: skip
+    rows.append({"status": "FAILED", "params.pair_set": "baseline+inter_ts:sym_sd",
+                 "params.seed": "2", "metrics.rsum": 500.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_sym_versus_standard_pairs_by_seed(observations):
+    by_seed = observations.metric_by_seed(_runs())
+    assert by_seed.loc["baseline+inter_ts:sd"].tolist() == [110.0, 102.0, 104.0]
+    (row,) = observations.sym_versus_standard(by_seed, "baseline")
+    # sd minus sym_sd seed for seed: 2, 1, 4 -> mean 7/3, sample std sqrt(7/3)
+    assert row["n"] == 3 and row["mean"] == pytest.approx(7 / 3)
+    half = scipy_stats.t.ppf(0.975, 2) * (7 / 3) ** 0.5 / 3**0.5
+    assert (row["low"], row["high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    expected_p = scipy_stats.ttest_rel([110, 102, 104], [108, 101, 100]).pvalue
+    assert row["p"] == pytest.approx(expected_p) and row["p_holm"] == pytest.approx(expected_p)
+
+
+def test_loss_spread_is_best_minus_worst_by_mean(observations):
+    by_seed = observations.metric_by_seed(_runs())
+    (row,) = observations.loss_spread(by_seed, "baseline")
+    # means: sd 105.33, sym_sd 103, kl 99.67 -> sd minus kl: 5, 7, 5
+    assert row["learning_type"] == "inter_ts"
+    assert (row["first"], row["second"]) == ("baseline+inter_ts:sd", "baseline+inter_ts:kl")
+    assert row["mean"] == pytest.approx(17 / 3)
