@@ -48,6 +48,16 @@ MARKDOWN_HEADER = (
 )
 
 
+def without_verification(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` less those of ``conaclip best --verify`` (tag ``conaclip.preset`` "verify"): the
+    recipe check it adds to the grid's experiment is not a cell the race would have run."""
+    if "tags.conaclip.preset" not in runs:
+        return runs
+    kept = runs[runs["tags.conaclip.preset"].astype("string").fillna("") != "verify"]
+    kept.attrs.update(runs.attrs)
+    return kept
+
+
 def grid_cells(runs: pd.DataFrame) -> tuple[str, list[str], int]:
     """(baseline, other pair sets in first-run order, steps per trial) of a grid's runs."""
     trials = runs[runs["params.pairs"].notna()] if "params.pairs" in runs else runs.iloc[0:0]
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         tracking.check_tracking_uri(args.tracking_uri, must_exist=True)
-        runs = tracking.runs_frame(args.tracking_uri, args.experiment)
+        runs = without_verification(tracking.runs_frame(args.tracking_uri, args.experiment))
         ranks = None if args.no_bootstrap else race.RanksCache(args.tracking_uri)
         report = replay(runs, args.start_seeds, args.max_seeds, args.metric, ranks)
     except InputError as error:

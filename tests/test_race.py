@@ -445,6 +445,17 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
             client.log_param(run.info.run_id, key, record[f"params.{key}"])
         client.log_metric(run.info.run_id, "rsum", record["metrics.rsum"], step=10)
         client.set_terminated(run.info.run_id, "FINISHED")
+    # `conaclip best --verify` adds its recipe's runs to the grid's experiment: not a cell.
+    for seed in range(3):
+        run = client.create_run(experiment, tags={
+            "conaclip.ablation_id": "grid", "conaclip.status": "FINISHED",
+            "conaclip.baseline": "false", "conaclip.preset": "verify"})  # fmt: skip
+        for key, value in (("pair_set", "combined_recipe"),
+                           ("pairs", "intra_ts:infonce,intra_ts:sd,inter_ss:kl"), ("seed", seed),
+                           ("steps", 10)):  # fmt: skip
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "rsum", 200.0, step=10)
+        client.set_terminated(run.info.run_id, "FINISHED")
     out = tmp_path / "replay.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "race_replay.py"), "--tracking-uri", uri,
