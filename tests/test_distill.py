@@ -283,8 +283,8 @@ def test_cached_teacher_embeddings_equal_a_live_forward(
     with torch.no_grad():
         live_image = teacher.model.encode_image(images, normalize=True)
         live_text = teacher.model.encode_text(tokens, normalize=True)
-    cached_image = torch.tensor([s.arrays["teacher_image.npy"] for s in picked])
-    cached_text = torch.tensor([s.arrays["teacher_text.npy"] for s in picked])
+    cached_image = torch.from_numpy(np.stack([s.arrays["teacher_image.npy"] for s in picked]))
+    cached_text = torch.from_numpy(np.stack([s.arrays["teacher_text.npy"] for s in picked]))
     torch.testing.assert_close(cached_image, live_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached_text, live_text, atol=1e-5, rtol=0)
     # A second build with the same teacher and shards reuses the cache (same manifest file).
