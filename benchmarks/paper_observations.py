@@ -33,24 +33,20 @@ if str(ROOT) not in sys.path:
 
 import trainers  # noqa: E402,F401  (torchvision compat before anything imports open_clip)
 from orchestrator import stats, tracking  # noqa: E402
-from orchestrator.table import run_status  # noqa: E402
+from orchestrator.table import selection_table  # noqa: E402
 
 TEACHER_STUDENT = ("inter_ts", "intra_ts")
 LEARNING_TYPES = ("inter_ts", "intra_ts", "inter_ss", "intra_ss")
 
 
 def metric_by_seed(runs: pd.DataFrame, metric: str = "rsum") -> pd.DataFrame:
-    """Pair set x seed table of ``metric`` over the FINISHED runs (the last run of a repeated
-    (pair set, seed) wins, as in the grid's own table)."""
-    done = runs[run_status(runs) == "FINISHED"]
-    frame = pd.DataFrame(
-        {
-            "pair_set": done["params.pair_set"].astype(str),
-            "seed": pd.to_numeric(done["params.seed"]).astype(int),
-            "value": pd.to_numeric(done[f"metrics.{metric}"]),
-        }
-    )
-    return frame.pivot_table(index="pair_set", columns="seed", values="value", aggfunc="last")
+    """Pair set x seed table of ``metric``: the per-seed values the grid's own table reads
+    (``selection_table``'s ``<metric>_by_seed``: FINISHED runs, the latest run per seed)."""
+    table = selection_table(runs, metric)
+    by_seed = {row.pair_set: row[f"{metric}_by_seed"] for _, row in table.iterrows()}
+    frame = pd.DataFrame.from_dict(by_seed, orient="index")
+    frame.columns = frame.columns.astype(int)
+    return frame.sort_index(axis=1)
 
 
 def paired(by_seed: pd.DataFrame, first: str, second: str) -> dict[str, Any]:

@@ -27,16 +27,18 @@ def _runs() -> pd.DataFrame:
         "baseline+inter_ts:sym_sd": [108.0, 101.0, 100.0],
         "baseline+inter_ts:kl": [105.0, 95.0, 99.0],
     }
-    rows = [
-        {"status": "FINISHED", "params.pair_set": name, "params.seed": str(seed), "metrics.rsum": v}
-        for name, column in values.items()
-        for seed, v in enumerate(column)
-    ]
+
+    def run(name: str, seed: int, value: float, status: str = "FINISHED") -> dict:
+        added = name.removeprefix("baseline").removeprefix("+")
+        return {"run_id": f"{name}-{seed}-{value}", "status": status, "params.pair_set": name,
+                "params.pairs": ",".join(["intra_ts:infonce", *([added] if added else [])]),
+                "params.seed": str(seed), "tags.conaclip.baseline": str(name == "baseline").lower(),
+                "metrics.rsum": value}  # fmt: skip
+
+    rows = [run(name, seed, v) for name, column in values.items() for seed, v in enumerate(column)]
     # A failed run never counts, and a second FINISHED run of (cell, seed) replaces the first.
-    rows.insert(0, {"status": "FINISHED", "params.pair_set": "baseline+inter_ts:sd",
-                    "params.seed": "0", "metrics.rsum": 1.0})  # fmt: skip
-    rows.append({"status": "FAILED", "params.pair_set": "baseline+inter_ts:sym_sd",
-                 "params.seed": "2", "metrics.rsum": 500.0})  # fmt: skip
+    rows.insert(0, run("baseline+inter_ts:sd", 0, 1.0))
+    rows.append(run("baseline+inter_ts:sym_sd", 2, 500.0, status="FAILED"))
     return pd.DataFrame(rows)
 
 
