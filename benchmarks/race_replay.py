@@ -21,6 +21,13 @@ The full grid's verdict (``orchestrator.race.verdict_of`` over every cell of the
 runs with seed < M) is compared part by part with the race's: the winner, the set of cells
 with verdict "better" and the set with verdict "worse". Output: a JSON report (``--out``) and
 one Markdown table row on stdout.
+
+The report also gives the fewest trials any race could spend (``fewest_trials``): whatever its
+rules, a race that starts every cell at K0 seeds and ends with the grid's better and worse
+sets must run each of those cells up to a seed count at which its paired tests already pass
+unadjusted (a multiple-comparison adjustment never lowers a p-value), and the baseline as far
+as the furthest of them. When that floor is above a share, no race rule reaches the share on
+this grid without changing the verdict's tests.
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import trainers  # noqa: E402,F401  (torchvision compat before anything imports open_clip)
-from orchestrator import race, tracking  # noqa: E402
+from orchestrator import race, race_rules, tracking  # noqa: E402
 from trainers.errors import InputError  # noqa: E402
 
 MARKDOWN_HEADER = (
     "| experiment | seeds | race trials | race trial-steps | full grid trial-steps | share "
-    "| race winner | grid winner | same winner | same better | same worse |\n"
-    "|---|---|---:|---:|---:|---:|---|---|:-:|:-:|:-:|"
+    "| fewest possible | race winner | grid winner | same winner | same better | same worse |\n"
+    "|---|---|---:|---:|---:|---:|---:|---|---|:-:|:-:|:-:|"
 )
 
 
@@ -90,6 +97,58 @@ def full_grid_verdict(
     return race.verdict_of(table, cells, metric)
 
 
+def _passes_unadjusted(row: dict[str, Any], verdict: str, alpha: float) -> bool:
+    """Whether a table row would have ``verdict`` with its raw (unadjusted) p-values: both
+    paired tests below ``alpha``, at least two paired seeds, the gain's sign (the rule of
+    ``orchestrator.table``, with p_seed / p_boot in place of their adjusted columns)."""
+    gain_n = row.get("gain_n")
+    if gain_n is None or pd.isna(gain_n) or gain_n < 2:
+        return False
+    if not (row["p_seed"] < alpha and row["p_boot"] < alpha):
+        return False
+    return row["gain_mean"] > 0 if verdict == race_rules.BETTER else row["gain_mean"] < 0
+
+
+def fewest_trials(
+    runs: pd.DataFrame,
+    baseline: str,
+    cells: list[str],
+    grid: race.RaceVerdict,
+    start_seeds: int,
+    max_seeds: int,
+    metric: str,
+    ranks,
+) -> dict[str, Any]:
+    """A floor under the trials of any race from ``start_seeds`` seeds that ends with ``grid``'s
+    better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the full grid}``.
+
+    A cell of either set needs the first seed count n >= max(2, ``start_seeds``) at which its
+    row in the table of every cell at n seeds (seeds 0..n-1, as a race adds them) passes
+    unadjusted; the baseline needs the largest of those n (the gains pair each seed with its
+    baseline run); every other cell needs ``start_seeds`` (round 1 runs them all). The level is
+    the table's own (its ``alpha``). The winner part is left out: it can only add trials, so the
+    floor stays a floor."""
+    decided = {c: race_rules.BETTER for c in grid.better}
+    decided.update({c: race_rules.WORSE for c in grid.worse})
+    need: dict[str, int] = {}
+    for n in range(max(2, start_seeds), max_seeds + 1):
+        if len(need) == len(decided):
+            break
+        visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)})
+        table = race.race_table(visible, metric, ranks(visible) if ranks else None)
+        rows = {str(row["pair_set"]): row for row in table.to_dict("records")}
+        alpha = float(table.attrs.get("alpha", 0.05))
+        for cell, verdict in decided.items():
+            if cell not in need and _passes_unadjusted(rows[cell], verdict, alpha):
+                need[cell] = n
+    # A decided cell passes adjusted at max_seeds, hence unadjusted: the default is not reached.
+    seeds = {cell: max(start_seeds, need.get(cell, max_seeds)) if cell in decided else start_seeds
+             for cell in cells}  # fmt: skip
+    seeds = {baseline: max([start_seeds, *(seeds[c] for c in decided)]), **seeds}
+    trials = sum(seeds.values())
+    return {"seeds": seeds, "trials": trials, "share": trials / ((len(cells) + 1) * max_seeds)}
+
+
 def replay(
     runs: pd.DataFrame,
     start_seeds: int,
@@ -105,6 +164,7 @@ def replay(
     result = race.race_loop(baseline, cells, start_seeds, max_seeds, lambda: runs, None,
                             metric=metric, steps=steps, ranks=ranks, say=say)  # fmt: skip
     assert result.verdict is not None
+    floor = fewest_trials(runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks)
     return {
         "experiment": runs.attrs.get("experiment"),
         "start_seeds": start_seeds,
@@ -112,6 +172,7 @@ def replay(
         "share": result.spent_steps / result.full_steps,
         "grid_verdict": grid.as_dict(),
         "same": result.verdict.same_as(grid),
+        "fewest_trials": floor,
     }
 
 
@@ -123,7 +184,8 @@ def markdown_row(report: dict[str, Any]) -> str:
     return (
         f"| {report['experiment']} | {report['start_seeds']}..{report['max_seeds']} "
         f"| {report['trials']} | {report['spent_steps']} | {report['full_steps']} "
-        f"| {report['share']:.0%} | {report['verdict']['winner'] or '-'} "
+        f"| {report['share']:.0%} | {report['fewest_trials']['share']:.0%} "
+        f"| {report['verdict']['winner'] or '-'} "
         f"| {report['grid_verdict']['winner'] or '-'} | {yes(same['winner'])} "
         f"| {yes(same['better'])} | {yes(same['worse'])} |"
     )

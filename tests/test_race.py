@@ -474,7 +474,7 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
     assert report["grid_verdict"] == report["verdict"]
     assert report["same"] == {"winner": True, "better": True, "worse": True}
     assert done.stdout.splitlines()[-1] == (
-        "| grid | 2..3 | 11 | 110 | 120 | 92% | - | - | yes | yes | yes |"
+        "| grid | 2..3 | 11 | 110 | 120 | 92% | 67% | - | - | yes | yes | yes |"
     )
 
 
@@ -604,3 +604,40 @@ def test_race_end_to_end_then_resume_launches_nothing(
     new = done[~done["run_id"].isin(runs["run_id"])]
     rerun = new[(new["params.pair_set"] == "baseline") & (new["params.seed"] == "0")]
     assert list(rerun["tags.conaclip.round"]) == ["1"]
+
+
+def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted():
+    import importlib.util
+
+    from test_table import ranks_for
+
+    spec = importlib.util.spec_from_file_location("race_replay", ROOT / "benchmarks/race_replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    # Each run has t2i = i2t recalls (x, x+10, x+20): rsum 6x + 60, ranks that give exactly it.
+    xs = {"base": [20, 20, 20], "a": [25, 27, 26], "b": [10, 10, 10], "c": [22, 18, 21]}
+    runs = grid_runs({name: [6 * x + 60 for x in series] for name, series in xs.items()})
+    ranks = {f"{name}-{seed}": ranks_for(x, x) for name, series in xs.items()
+             for seed, x in enumerate(series)}  # fmt: skip
+
+    def ranks_of(visible):
+        return {run_id: ranks[run_id] for run_id in visible["run_id"]}
+
+    # a's gains 30, 42, 36: at 2 seeds t = 36 / (8.485 / sqrt 2) = 6.0, 1 df, p 0.105; at 3
+    # seeds t = 36 / (6 / sqrt 3) = 10.39, 2 df, p 0.0091 (Holm x2 = 0.018): better at 3.
+    # b's gains -60 at every seed (no spread): p 0 from 2 seeds on, worse. c's 12, -12, 6: open.
+    grid = replay.full_grid_verdict(runs, "base", ["a", "b", "c"], 3, "rsum", ranks_of)
+    assert (grid.better, grid.worse) == (("a",), ("b",))
+    floor = replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 2, 3, "rsum", ranks_of)
+    # The baseline runs as far as a (3), b stops at 2, c is only in round 1 (2): 10 of 12.
+    assert floor["seeds"] == {"base": 3, "a": 3, "b": 2, "c": 2}
+    assert (floor["trials"], floor["share"]) == (10, 10 / 12)
+    # Started at 3 seeds every cell has 3: the whole grid.
+    assert replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 3, 3, "rsum",
+                                ranks_of)["trials"] == 12  # fmt: skip
+    # The race itself spends those 10: round 1 drops b (worse) and c (futile), round 2 runs
+    # base and a. (It names a the winner where the grid does not: c, no longer racing, is not
+    # its rival, while at 3 seeds c's interval still reaches a's.)
+    report = replay.replay(runs, 2, 3, "rsum", ranks_of, say=lambda _: None)
+    assert report["trials"] == 10 and report["fewest_trials"] == floor
+    assert report["same"] == {"winner": False, "better": True, "worse": True}
