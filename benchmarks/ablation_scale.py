@@ -130,6 +130,7 @@ def _trial_rows(tune_path: Path) -> list[dict[str, Any]]:
             "step": last.get("step"),
             "rsum": last.get("rsum"),
             "time_total_s": last.get("time_total_s"),
+            "ended_at": last.get("timestamp"),  # Unix seconds of the trial's last result
             **{phase: last.get(phase) for phase in PHASES},
         }
         if row["time_total_s"] is not None and None not in (row[p] for p in PHASES):
@@ -186,6 +187,7 @@ def _run(args: argparse.Namespace) -> None:
         spec = spec.model_copy(update={"run": run})
         tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)
         phase = time.time()
+        timings["started_at"] = started
         outcome = run_ablation(spec)
         timings["trials_s"] = time.time() - phase
         timings["wall_s"] = time.time() - started
@@ -231,10 +233,33 @@ def _print_split(result: dict[str, Any]) -> None:
     print(f"| trials, wall-clock | {timings['trials_s']:.0f} | "
           f"concurrency {busy / timings['trials_s']:.2f} |")  # fmt: skip
     print(f"| whole benchmark | {timings['wall_s']:.0f} | |")
+    for seeds, seconds in seed_prefix_walls(result).items():
+        print(
+            f"the trials of the first {seeds} seed(s) had all finished {seconds:.0f} s after "
+            "the benchmark started (cluster start and teacher cache included)"
+        )
     per_trial = [t["ray_s"] + t["setup_s"] for t in trials if t.get("ray_s") is not None]
     if per_trial:
         print(f"\nper-trial start-up (Ray + loop setup): median {statistics.median(per_trial):.1f}"
               f" s, max {max(per_trial):.1f} s")  # fmt: skip
+
+
+def seed_prefix_walls(result: dict[str, Any]) -> dict[int, float]:
+    """{k: seconds from the benchmark's start until every trial of the first k seeds had
+    reported its last result}, for each k below the number of seeds. Tune's grid runs the
+    pair sets of one seed before the next (its first grid key varies fastest), so k seeds of a
+    longer run cost what a k-seed ablation costs, give or take the tail: there the last trials
+    overlap the next seed's first ones instead of running alone. Empty when the run predates
+    the timestamps."""
+    started = result["timings"].get("started_at")
+    trials = result["trials"]
+    if started is None or any(t.get("ended_at") is None for t in trials):
+        return {}
+    seeds = sorted({t["seed"] for t in trials})
+    return {
+        k: max(t["ended_at"] for t in trials if t["seed"] in seeds[:k]) - started
+        for k in range(1, len(seeds))
+    }
 
 
 # --------------------------------------------------------------------------- comparisons
