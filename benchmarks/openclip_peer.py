@@ -6,6 +6,12 @@ model configs. The workload matches ``benchmarks/trial_throughput.py``'s "bare l
 teacher" row: student-s, the built-in teacher run live every step, batch 64, 2 CPU threads,
 one loader worker, fp32. samples/s is open_clip_train's own "Batch (t)" average over the last
 logging window, so start-up is left out as in ours.
+
+``--runs N`` is the whole-ablation side: N trainings one after the other, each a fresh process
+as a user would start them (``open_clip_train`` trains one configuration per call; its
+distillation has one loss, so the N runs differ by ``--seed``), timed from spawn to exit, start-up,
+teacher loading and data included; compare with ``benchmarks/ablation_scale.py run --preset
+openclip_distill`` at the same student, steps, batch and seeds.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +61,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--student", default="conaclip-student-s")
+    parser.add_argument("--seed", type=int, default=0, help="open_clip_train's --seed")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="N > 1: N trainings in fresh processes, one after the other, "
+                             "seeds --seed.. --seed+N-1, timed end to end")  # fmt: skip
     parser.add_argument("--out", default="runs/bench/openclip_peer.json")
     args = parser.parse_args()
+    if args.runs > 1:
+        _sequential_runs(args)
+        return
 
     home = Path(os.environ.get("CONACLIP_HOME", Path.home() / ".cache" / "conaclip"))
     data = sorted((home / "data").glob("shapes-n*"))
@@ -74,7 +89,7 @@ def main() -> None:
             "--lr", "1e-3", "--warmup", "10", "--precision", "fp32",
             "--log-every-n-steps", str(max(1, args.steps // 3)),
             "--logs", logs, "--name", "peer", "--save-frequency", "0", "--report-to", "",
-            "--device", "cpu",
+            "--device", "cpu", "--seed", str(args.seed),
         ]  # fmt: skip
         logging.getLogger().addHandler(times)
         openclip_train_main(argv)
@@ -86,6 +101,35 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "samples_per_s": samples_per_s,
                                           "batch_time_s": times.seconds}, indent=2))  # fmt: skip
+
+
+def _sequential_runs(args: argparse.Namespace) -> None:
+    """``args.runs`` trainings as separate processes of this script, one after the other; the
+    JSON at ``args.out`` holds each one's wall-clock and samples/s and their total."""
+    out = Path(args.out)
+    runs = []
+    started = time.time()
+    for index in range(args.runs):
+        seed = args.seed + index
+        one = out.with_name(f"{out.stem}-seed{seed}.json")
+        spawn = time.time()
+        subprocess.run(
+            [sys.executable, __file__, "--steps", str(args.steps), "--batch-size",
+             str(args.batch_size), "--student", args.student, "--seed", str(seed), "--out",
+             str(one)],
+            check=True,
+        )  # fmt: skip
+        runs.append({"seed": seed, "wall_s": time.time() - spawn,
+                     "samples_per_s": json.loads(one.read_text())["samples_per_s"]})  # fmt: skip
+    total = time.time() - started
+    walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
+    samples = args.runs * args.steps * args.batch_size
+    print(f"{args.runs} open_clip_train runs one after the other: {total:.1f} s for {samples} "
+          f"trained samples ({samples / total:.1f} samples/s end to end); per run "
+          f"{walls} s")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "runs": runs, "wall_s": total,
+                               "samples": samples}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
