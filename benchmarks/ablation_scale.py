@@ -163,8 +163,8 @@ def _run(args: argparse.Namespace) -> None:
              "--scheduler", args.scheduler]  # fmt: skip
     spec, use_cache = build_spec(parser.parse_args(flags))
     spec = spec.model_copy(update={"seeds": seeds})
-    timings: dict[str, float] = {}
     started = time.time()
+    timings: dict[str, float] = {"started_at": started}  # Unix s; the rest are durations
     with contextlib.ExitStack() as stack:
         if args.nodes:
             address = stack.enter_context(ray_nodes(args.nodes, args.cpus_per_node, work))
@@ -187,7 +187,6 @@ def _run(args: argparse.Namespace) -> None:
         spec = spec.model_copy(update={"run": run})
         tracking.get_or_create_experiment(spec.tracking_uri, spec.experiment_name)
         phase = time.time()
-        timings["started_at"] = started
         outcome = run_ablation(spec)
         timings["trials_s"] = time.time() - phase
         timings["wall_s"] = time.time() - started

@@ -1,13 +1,14 @@
 """Does a new actor start in one of the worker processes Ray pre-starts?
 
-Issue of trial start-up: every `TorchTrainer.fit` creates a Train controller and its worker as
-new actors, and each boots a Python process (Ray, then torch and open_clip). Ray keeps idle
-pre-started workers for tasks; if actors took them too, a `worker_process_setup_hook` could
-import the training stack before a trial asks. This starts a local cluster (2 CPUs, dashboard
-off), lists the idle workers (`ray::IDLE`) before each of ``--actors`` actor creations and
-reports whether the new actor's PID was one of them and how long its first call took. With
-``--job-env`` the job's runtime environment and the actor's carry the same env vars (what
-Train's controller and worker carry), so a pool keyed by runtime environment would match.
+Why it matters for trial start-up: every `TorchTrainer.fit` creates a Train controller and its
+worker as new actors, and each boots a Python process (Ray, then torch and open_clip). Ray
+keeps idle pre-started workers for tasks; if actors took them too, a
+`worker_process_setup_hook` could import the training stack before a trial asks. This starts a
+local cluster (2 CPUs, dashboard off), lists the idle workers (`ray::IDLE`) before each of
+``--actors`` actor creations and reports whether the new actor's PID was one of them and how
+long its first call took. With ``--job-env`` the job's runtime environment and the actor's
+carry the same env vars (what Train's controller and worker carry), so a pool keyed by runtime
+environment would match.
 
     python benchmarks/actor_worker_reuse.py --actors 4
     python benchmarks/actor_worker_reuse.py --actors 4 --job-env

@@ -1,8 +1,30 @@
 """Shared fixtures. Importing trainers first makes torchvision importable on CPU torch."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 import trainers  # noqa: F401  (side effect: torchvision compat before any open_clip import)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)``: benchmarks/<name>.py as a module (the benchmarks are scripts, not a
+    package), each loaded once per session."""
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "ablation_scale", ROOT / "benchmarks" / "ablation_scale.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_seed_prefix_walls_is_the_last_end_among_the_first_seeds():
+def test_seed_prefix_walls_is_the_last_end_among_the_first_seeds(benchmark_script):
     # Seed 0's trials end at +50 and +70 s, seed 1's at +65 (overlapping seed 0's tail) and
     # +120, seed 2's at +160: one seed took 70 s, two 120 s; three are the whole run, left out.
     t0 = 1_000.0
     trials = [{"seed": s, "ended_at": t0 + e} for s, e in ((0, 50), (0, 70), (1, 65), (1, 120),
                                                            (2, 160))]  # fmt: skip
     result = {"timings": {"started_at": t0}, "trials": trials}
-    assert _bench().seed_prefix_walls(result) == {1: 70.0, 2: 120.0}
+    assert benchmark_script("ablation_scale").seed_prefix_walls(result) == {1: 70.0, 2: 120.0}
 
 
-def test_seed_prefix_walls_is_empty_for_results_without_timestamps():
-    bench = _bench()
+def test_seed_prefix_walls_is_empty_for_results_without_timestamps(benchmark_script):
+    bench = benchmark_script("ablation_scale")
     assert bench.seed_prefix_walls({"timings": {}, "trials": [{"seed": 0}]}) == {}
     old = {"timings": {"started_at": 0.0}, "trials": [{"seed": 0, "ended_at": None}]}
     assert bench.seed_prefix_walls(old) == {}

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_observations.py"
-
 
 @pytest.fixture(scope="module")
-def observations():
-    spec = importlib.util.spec_from_file_location("paper_observations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def observations(benchmark_script):
+    return benchmark_script("paper_observations")
 
 
 def _runs() -> pd.DataFrame:

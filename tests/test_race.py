@@ -606,14 +606,10 @@ def test_race_end_to_end_then_resume_launches_nothing(
     assert list(rerun["tags.conaclip.round"]) == ["1"]
 
 
-def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted():
-    import importlib.util
-
+def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted(benchmark_script):
     from test_table import ranks_for
 
-    spec = importlib.util.spec_from_file_location("race_replay", ROOT / "benchmarks/race_replay.py")
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = benchmark_script("race_replay")
     # Each run has t2i = i2t recalls (x, x+10, x+20): rsum 6x + 60, ranks that give exactly it.
     xs = {"base": [20, 20, 20], "a": [25, 27, 26], "b": [10, 10, 10], "c": [22, 18, 21]}
     runs = grid_runs({name: [6 * x + 60 for x in series] for name, series in xs.items()})
