@@ -156,38 +156,54 @@ def replay(
     metric: str = "rsum",
     ranks=None,
     say=race._say,
+    futility: str = "uncorrected",
 ) -> dict[str, Any]:
-    """The race replayed on ``runs`` (a full grid's ``runs_frame``) and the comparison with the
-    full grid's verdict, as the JSON-ready report ``main`` writes."""
+    """The race replayed on ``runs`` (a full grid's ``runs_frame``) with the futility rule
+    ``futility`` and the comparison with the full grid's verdict, as the JSON-ready report
+    ``main`` writes.
+
+    ``runs`` may also be an earlier race's ledger instead of a full grid: then the race alone
+    is reported (``grid_verdict``, ``same`` and ``fewest_trials`` None), and a replay that asks
+    for a trial the ledger lacks raises InputError naming it (a rule that races differently)."""
     baseline, cells, steps = grid_cells(runs)
-    grid = full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks)
+    try:
+        grid = full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks)
+    except InputError as error:
+        say(f"race_replay: {error}; the race is replayed alone")
+        grid = None
     result = race.race_loop(baseline, cells, start_seeds, max_seeds, lambda: runs, None,
-                            metric=metric, steps=steps, ranks=ranks, say=say)  # fmt: skip
+                            metric=metric, steps=steps, ranks=ranks, say=say,
+                            futility=futility)  # fmt: skip
     assert result.verdict is not None
-    floor = fewest_trials(runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks)
+    floor = None
+    if grid is not None:
+        floor = fewest_trials(runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks)
     return {
         "experiment": runs.attrs.get("experiment"),
         "start_seeds": start_seeds,
+        "futility": futility,
         **result.as_dict(),
         "share": result.spent_steps / result.full_steps,
-        "grid_verdict": grid.as_dict(),
-        "same": result.verdict.same_as(grid),
+        "grid_verdict": None if grid is None else grid.as_dict(),
+        "same": None if grid is None else result.verdict.same_as(grid),
         "fewest_trials": floor,
     }
 
 
 def markdown_row(report: dict[str, Any]) -> str:
-    def yes(flag: bool) -> str:
-        return "yes" if flag else "**no**"
+    def yes(flag: bool | None) -> str:
+        return "-" if flag is None else "yes" if flag else "**no**"
 
-    same = report["same"]
+    same = report["same"] or {}
+    grid = report["grid_verdict"]
+    floor = report["fewest_trials"]
     return (
         f"| {report['experiment']} | {report['start_seeds']}..{report['max_seeds']} "
         f"| {report['trials']} | {report['spent_steps']} | {report['full_steps']} "
-        f"| {report['share']:.0%} | {report['fewest_trials']['share']:.0%} "
+        f"| {report['share']:.0%} | {'-' if floor is None else format(floor['share'], '.0%')} "
         f"| {report['verdict']['winner'] or '-'} "
-        f"| {report['grid_verdict']['winner'] or '-'} | {yes(same['winner'])} "
-        f"| {yes(same['better'])} | {yes(same['worse'])} |"
+        f"| {'-' if grid is None else grid['winner'] or '-'} | {yes(same.get('winner'))} "
+        f"| {yes(same.get('better'))} | {yes(same.get('worse'))} |"
     )
 
 
@@ -198,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-seeds", type=int, default=2, help="K0, as --seeds under --race")
     parser.add_argument("--max-seeds", type=int, default=5, help="M, as --max-seeds")
     parser.add_argument("--metric", default="rsum")
+    parser.add_argument("--futility", choices=race_rules.FUTILITY_RULES, default="uncorrected",
+                        help="the futility rule replayed: 'uncorrected' is conaclip's race; "
+                        "'family' applies Holm to every racing cell's projection (measured, "
+                        "not used by --race)")  # fmt: skip
     parser.add_argument(
         "--no-bootstrap",
         action="store_true",
@@ -209,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking.check_tracking_uri(args.tracking_uri, must_exist=True)
         runs = without_verification(tracking.runs_frame(args.tracking_uri, args.experiment))
         ranks = None if args.no_bootstrap else race.RanksCache(args.tracking_uri)
-        report = replay(runs, args.start_seeds, args.max_seeds, args.metric, ranks)
+        report = replay(runs, args.start_seeds, args.max_seeds, args.metric, ranks,
+                        futility=args.futility)  # fmt: skip
     except InputError as error:
         print(f"race_replay: error: {error}", file=sys.stderr)
         return 2

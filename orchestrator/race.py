@@ -238,6 +238,7 @@ def race_loop(
     steps: int = 0,
     ranks: Callable[[pd.DataFrame], Mapping[str, Any]] | None = None,
     say: Callable[[str], None] = _say,
+    futility: str = "uncorrected",
 ) -> RaceResult:
     """Race ``cells`` against ``baseline`` from ``start_seeds`` to at most ``max_seeds`` seeds.
 
@@ -246,6 +247,8 @@ def race_loop(
     invocation), decide (``decide``) on ``visible_runs``, say one line (``round_line``).
     ``launch`` None replays: every planned trial must already be in ``read_runs()``
     (InputError naming the first one missing). ``steps`` (per trial) only feeds the accounting.
+    ``futility``: the futility rule of ``decide`` (``race_rules.FUTILITY_RULES``); a race for
+    real always uses the default, the other is for replays.
     """
     if start_seeds < 1 or max_seeds < start_seeds:
         raise InputError(f"race: need 1 <= --seeds ({start_seeds}) <= --max-seeds ({max_seeds})")
@@ -277,7 +280,7 @@ def race_loop(
             runs = read_runs()
         visible = visible_runs(runs, limits)
         table = race_table(visible, metric, ranks(visible) if ranks else None)
-        step = decide(table, active, seeds, max_seeds, metric)
+        step = decide(table, active, seeds, max_seeds, metric, futility=futility)
         result.rounds.append(RaceRound(number, seeds, plan, missing, step))
         say(round_line(result.rounds[-1], len(result.cells)))
         active = list(step.kept)

@@ -9,8 +9,12 @@ and a ``verdict``); they read no MLflow and launch nothing, so a live race, a re
 - drop it when its verdict is ``worse`` (significantly below the baseline: settled);
 - drop it as futile when its mean paired gain, with the spread its seeds show, would not be
   significant even at ``--max-seeds`` seeds (a planning projection: the observed mean and
-  spread taken as true, uncorrected, which is Holm's most lenient step): it can become neither
-  better nor worse, so it is settled too;
+  spread taken as true): it can become neither better nor worse, so it is settled too. Rule
+  ``uncorrected``, the one ``conaclip ablate --race`` uses, tests the projection alone,
+  uncorrected, which is Holm's most lenient step. Rule ``family`` (``futile_in_family``)
+  projects every racing cell to ``--max-seeds`` and applies the table's own correction; it is
+  kept for ``benchmarks/race_replay.py --futility family``, which measured it losing the
+  winner of an 8-seed race after 2 seeds (the README's race table), so no race runs it;
 - drop a cell whose verdict is already ``better`` (it is in the recipe) when it cannot be the
   best: its ``<metric>_ci_high`` is below the leader's ``<metric>_ci_low`` (the leader is the
   active cell, baseline included, with the highest mean), the leader beats it seed for seed
@@ -38,6 +42,7 @@ import pandas as pd
 from orchestrator import stats
 
 BASELINE, BETTER, WORSE, OPEN = "baseline", "better", "worse", "open"
+FUTILITY_RULES = ("uncorrected", "family")
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,54 @@ def _futile(row: dict[str, Any] | None, max_seeds: int, alpha: float) -> str | N
     )
 
 
+def futile_in_family(
+    table: pd.DataFrame, racing: Sequence[str], max_seeds: int, alpha: float = 0.05
+) -> dict[str, str]:
+    """The ``racing`` cells that would stay open at ``max_seeds`` seeds under the table's own
+    multiple-comparison correction even if every racing cell's mean paired gain and spread
+    held: cell -> why.
+
+    The family is the table's: every non-baseline row with a seed p-value. A racing cell with
+    a gain over at least 2 seeds and a finite spread enters with ``stats.projected_p`` at
+    ``max(max_seeds, gain_n)`` seeds; a racing cell without one (nothing known yet) with p 0,
+    the most lenient assumption for the rest, and is never futile; every other row (a cell
+    that left the race keeps its seeds) with its current ``p_seed``. The projected p-values
+    are adjusted with ``table.attrs["correction"]`` (Holm unless the table says otherwise); a
+    racing cell whose adjusted projection is not below ``alpha`` is futile. The projection
+    takes every racing cell at its best case at once (more seeds, the same effect), so a cell
+    it leaves behind needs a larger effect than its seeds show, not just more of them. Only
+    the seed test is projected; the bootstrap over eval queries, which a verdict also needs,
+    is taken to pass."""
+    rows = [r for r in table.to_dict("records") if not r["is_baseline"]]
+    racing_set = set(racing)
+    names, p_values, known = [], [], []
+    for row in rows:
+        name = str(row["pair_set"])
+        n = row.get("gain_n")
+        n = 0 if n is None or pd.isna(n) else int(n)
+        mean, std = _num(row, "gain_mean"), _num(row, "gain_std")
+        if name in racing_set:
+            p = stats.projected_p(mean, std, max(max_seeds, n)) if n >= 2 else math.nan
+            known.append(not math.isnan(p))
+            p_values.append(0.0 if math.isnan(p) else p)
+        else:
+            known.append(False)
+            p_values.append(_num(row, "p_seed"))
+        names.append(name)
+    correction = table.attrs.get("correction", "holm")
+    adjusted = stats.adjust_pvalues(p_values, correction)
+    futile: dict[str, str] = {}
+    for name, is_known, raw, adj in zip(names, known, p_values, adjusted, strict=True):
+        if name in racing_set and is_known and not adj < alpha:
+            row = next(r for r in rows if str(r["pair_set"]) == name)
+            futile[name] = (
+                f"futile: gain {_num(row, 'gain_mean'):+.2f} ± {_num(row, 'gain_std'):.2f} "
+                f"(sd) would reach p {raw:.3g} at {max_seeds} seeds, {correction}-adjusted "
+                f"{adj:.3g} over the table's {int(np.isfinite(p_values).sum())} cells"
+            )
+    return futile
+
+
 def behind_leader(
     table: pd.DataFrame,
     leader: str | None,
@@ -218,6 +271,7 @@ def decide(
     max_seeds: int,
     metric: str = "rsum",
     alpha: float = 0.05,
+    futility: str = "uncorrected",
 ) -> RaceStep:
     """The next round's plan from ``table`` (``selection_table`` output over the runs the race
     has so far), the non-baseline cells still racing (``active``) and the seeds each has.
@@ -237,9 +291,11 @@ def decide(
       paired), and the rank variance is pooled over every racing cell;
     - dropped when its verdict is ``better`` and the leader beats it seed for seed
       (``behind_leader`` over the better cells: paired t-test, Holm, at ``alpha``);
-    - dropped as futile (``_futile``) when, before the last round, its mean paired gain and
-      their spread over its seeds, if they held, would not make it significant even at
-      ``max_seeds`` seeds: more seeds of it cannot change the verdict, so none are spent;
+    - dropped as futile when, before the last round, its mean paired gain and their spread
+      over its seeds, if they held, would not make it significant even at ``max_seeds``
+      seeds: more seeds of it cannot change the verdict, so none are spent. ``futility``
+      "uncorrected" (``_futile``) tests each cell's projection uncorrected; "family"
+      (``futile_in_family``) applies the table's correction to every racing cell's projection;
     - kept otherwise, also when it has no finished run or no interval yet, and when it is open
       but cannot be the best (it may still turn better or worse).
 
@@ -302,10 +358,15 @@ def decide(
     settled = [c for c in survivors if rows.get(c, {}).get("verdict") == BETTER]
     for cell, why in behind_leader(table, leader, settled, metric, alpha).items():
         dropped.setdefault(cell, f"better, and {why}")
+    if futility not in FUTILITY_RULES:
+        raise ValueError(f"futility {futility!r}: expected one of {', '.join(FUTILITY_RULES)}")
     if seeds < max_seeds:
-        for cell in survivors:
-            if cell not in dropped and (why := _futile(rows.get(cell), max_seeds, alpha)):
-                dropped[cell] = why
+        racing = [c for c in survivors if c not in dropped]
+        if futility == "family":
+            futile = futile_in_family(table, racing, max_seeds, alpha)
+        else:
+            futile = {c: why for c in racing if (why := _futile(rows.get(c), max_seeds, alpha))}
+        dropped.update(futile)
     kept = [c for c in survivors if c not in dropped]
     if leader in dropped:  # futile: the lead passes to the best of what races on
         leader = leader_of(table, kept, metric)

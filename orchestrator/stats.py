@@ -61,10 +61,19 @@ def t_test_p(values: ArrayLike) -> float:
     infinite or undefined: p = 0 for a nonzero common value, 1 when every value is 0 (scipy
     returns NaN there; "no difference at all" is the honest answer)."""
     x = _finite(values)
-    n = x.size
-    if n < 2:
+    if x.size < 2:
         return np.nan
-    mean, std = float(x.mean()), float(x.std(ddof=1))
+    return projected_p(float(x.mean()), float(x.std(ddof=1)), x.size)
+
+
+def projected_p(mean: float, std: float, n: int) -> float:
+    """The two-sided p of the one-sample t-test (n - 1 df) on ``n`` values whose mean and
+    sample standard deviation are ``mean`` and ``std``: what ``t_test_p`` gives for such
+    values, and, with the observed mean and spread of fewer seeds, a planning projection of
+    the p a cell would reach at ``n`` seeds if they held. NaN when n < 2 or an input is not
+    finite; zero spread as in ``t_test_p`` (0 for a nonzero mean, 1 for mean 0)."""
+    if n < 2 or not (np.isfinite(mean) and np.isfinite(std)):
+        return np.nan
     if std == 0.0:
         return 1.0 if mean == 0.0 else 0.0
     t = mean / (std / np.sqrt(n))

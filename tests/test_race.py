@@ -24,7 +24,7 @@ T1, T2 = 12.706204736174698, 4.302652729749464
 
 
 def row(name, mean, low, high, verdict="open", *, baseline=False, seeds=2, gain=NAN,
-        gain_low=NAN, gain_high=NAN, gain_std=NAN, p=NAN, by_seed=None):  # fmt: skip
+        gain_low=NAN, gain_high=NAN, gain_std=NAN, p=NAN, p_raw=NAN, by_seed=None):  # fmt: skip
     """One table row with the columns the race reads (selection_table's contract)."""
     return {
         "rsum_by_seed": {str(s): v for s, v in enumerate(by_seed)} if by_seed else {},
@@ -32,7 +32,7 @@ def row(name, mean, low, high, verdict="open", *, baseline=False, seeds=2, gain=
         "rsum_mean": mean, "rsum_ci_low": low, "rsum_ci_high": high,
         "gain_n": pd.NA if baseline else seeds, "gain_mean": gain, "gain_std": gain_std,
         "gain_ci_low": gain_low,
-        "gain_ci_high": gain_high, "p_seed_adj": p, "p_boot_adj": p,
+        "gain_ci_high": gain_high, "p_seed": p_raw, "p_seed_adj": p, "p_boot_adj": p,
         "verdict": "baseline" if baseline else verdict,
     }  # fmt: skip
 
@@ -177,6 +177,35 @@ def test_futile_cells_leave_before_the_last_round():
     # In the last round there is nothing left to save: no cell is dropped as futile.
     last = race.decide(t, ["a", "b", "c"], seeds=5, max_seeds=5)
     assert last.dropped == {} and last.stop
+
+
+def test_family_futility_applies_the_tables_correction_to_every_projection():
+    # At 5 seeds (t-test, 4 df): a's gains +2 +- 1.4142 give t = 2 / (1.4142 / sqrt 5) =
+    # 3.1623, p 0.034109 (uncorrected it races on: test above); e's +10 +- 2 give t = 11.180,
+    # p 0.00036435; d ran one seed (nothing known: enters at p 0, never futile); f left the race
+    # earlier and keeps its p_seed 0.9. Holm over those 4: d 0, e 3 x 0.00036435 = 0.0010930,
+    # a 2 x 0.034109 = 0.068219 >= 0.05: a is futile; f is not racing, so not dropped here.
+    wide = {"low": 60.0, "high": 120.0}
+    t = table(
+        BASE,
+        row("a", 92.0, **wide, gain=2.0, gain_std=2**0.5),
+        row("e", 100.0, **wide, gain=10.0, gain_std=2.0),
+        row("d", 99.0, **wide, seeds=1, gain=9.0),
+        row("f", 90.5, **wide, gain=0.5, gain_std=5.0, p_raw=0.9),
+    )
+    step = race.decide(t, ["a", "e", "d"], seeds=2, max_seeds=5, futility="family")
+    assert step.dropped == {
+        "a": "futile: gain +2.00 ± 1.41 (sd) would reach p 0.0341 at 5 seeds, holm-adjusted "
+        "0.0682 over the table's 4 cells"
+    }
+    assert step.kept == ("e", "d")
+    assert race.decide(t, ["a", "e", "d"], seeds=2, max_seeds=5).dropped == {}
+    # Benjamini-Hochberg instead (the table's attrs say which): a's 4/3 x 0.034109 = 0.045479
+    # < 0.05, so under the false discovery rate a races on.
+    t.attrs["correction"] = "bh"
+    assert race.decide(t, ["a", "e", "d"], seeds=2, max_seeds=5, futility="family").dropped == {}
+    with pytest.raises(ValueError, match="futility 'holm'"):
+        race.decide(t, ["a"], seeds=2, max_seeds=5, futility="holm")
 
 
 def test_friedman_needs_three_rankable_cells_and_two_common_seeds():
@@ -429,6 +458,24 @@ def test_replay_needs_every_run_the_race_asks_for():
     runs = grid_runs({"base": [90, 91, 92], "a": [95, 96], "b": [80, 81, 82], "c": [93, 97, 90]})
     with pytest.raises(InputError, match="no FINISHED run of a seed 2: not a full grid"):
         race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, say=lambda _: None)
+
+
+def test_replay_of_a_race_ledger_reports_the_race_alone(benchmark_script):
+    # An earlier race's ledger, not a grid: c was dropped after round 1 (futile, see above), so
+    # its seed 2 never ran. The same race replays on it; there is no grid verdict to compare.
+    runs = grid_runs(GRID)
+    runs = runs[runs["run_id"] != "c-2"].reset_index(drop=True)
+    lines: list[str] = []
+    bench = benchmark_script("race_replay")
+    report = bench.replay(runs, 2, 3, say=lines.append)
+    assert lines[0] == ("race_replay: not a full grid at 3 seeds: no FINISHED run of c seed 2; "
+                        "the race is replayed alone")  # fmt: skip
+    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (11, 110, 120)
+    assert report["grid_verdict"] is None and report["same"] is None
+    assert report["fewest_trials"] is None and report["futility"] == "uncorrected"
+    assert bench.markdown_row(report) == (
+        "| None | 2..3 | 11 | 110 | 120 | 92% | - | - | - | - | - | - |"
+    )
 
 
 def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):

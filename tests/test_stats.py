@@ -47,6 +47,17 @@ def test_t_test_p_edge_cases():
     assert stats.t_test_p([24.0, 24.0]) == 0.0  # as scipy: t is infinite
 
 
+def test_projected_p_is_the_t_test_of_values_with_that_mean_and_spread():
+    # 1, 2, 3: mean 2, sd 1, so at n = 3 the projection is the test of those values; the same
+    # mean and sd at n = 6 are the values 0.5 .. 3.5 scaled to sd 1 (scipy on real values).
+    assert stats.projected_p(2.0, 1.0, 3) == pytest.approx(stats.t_test_p([1.0, 2.0, 3.0]))
+    six = np.array([0.5, 1.0, 1.5, 2.5, 3.0, 3.5])
+    six = 2.0 + (six - six.mean()) / six.std(ddof=1)
+    assert stats.projected_p(2.0, 1.0, 6) == pytest.approx(scipy_stats.ttest_1samp(six, 0).pvalue)
+    assert np.isnan(stats.projected_p(2.0, 1.0, 1)) and np.isnan(stats.projected_p(np.nan, 1, 5))
+    assert stats.projected_p(3.0, 0.0, 4) == 0.0 and stats.projected_p(0.0, 0.0, 4) == 1.0
+
+
 def test_holm_by_hand():
     # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06
     adjusted = stats.adjust_pvalues([0.01, 0.04, 0.03, 0.005], "holm")
