@@ -56,8 +56,8 @@ def make_loop(import_stack: bool, stamp_file: str | None = None) -> Callable[[di
             import trainers.distill  # noqa: F401  (torch, open_clip, the loop's modules)
 
             stack_s = clock.time() - started
-        stamps = {"loop_started_unix": started, "stack_import_s": stack_s}
-        stamps["reported_unix"] = clock.time()
+        stamps = {"loop_started_unix": started, "stack_import_s": stack_s,
+                  "reported_unix": clock.time()}  # fmt: skip
         if stamp_file is not None:
             with open(stamp_file, "w") as handle:
                 json.dump(stamps, handle)

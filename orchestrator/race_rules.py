@@ -198,30 +198,31 @@ def futile_in_family(
     is taken to pass."""
     rows = [r for r in table.to_dict("records") if not r["is_baseline"]]
     racing_set = set(racing)
-    names, p_values, known = [], [], []
+    p_values: list[float] = []
+    projected: dict[str, float] = {}  # the racing cells with something known
     for row in rows:
         name = str(row["pair_set"])
+        if name not in racing_set:
+            p_values.append(_num(row, "p_seed"))
+            continue
         n = row.get("gain_n")
         n = 0 if n is None or pd.isna(n) else int(n)
         mean, std = _num(row, "gain_mean"), _num(row, "gain_std")
-        if name in racing_set:
-            p = stats.projected_p(mean, std, max(max_seeds, n)) if n >= 2 else math.nan
-            known.append(not math.isnan(p))
-            p_values.append(0.0 if math.isnan(p) else p)
-        else:
-            known.append(False)
-            p_values.append(_num(row, "p_seed"))
-        names.append(name)
+        p = stats.projected_p(mean, std, max(max_seeds, n)) if n >= 2 else math.nan
+        if not math.isnan(p):
+            projected[name] = p
+        p_values.append(projected.get(name, 0.0))
     correction = table.attrs.get("correction", "holm")
     adjusted = stats.adjust_pvalues(p_values, correction)
+    members = int(np.isfinite(p_values).sum())
     futile: dict[str, str] = {}
-    for name, is_known, raw, adj in zip(names, known, p_values, adjusted, strict=True):
-        if name in racing_set and is_known and not adj < alpha:
-            row = next(r for r in rows if str(r["pair_set"]) == name)
+    for row, adj in zip(rows, adjusted, strict=True):
+        name = str(row["pair_set"])
+        if name in projected and not adj < alpha:
             futile[name] = (
                 f"futile: gain {_num(row, 'gain_mean'):+.2f} ± {_num(row, 'gain_std'):.2f} "
-                f"(sd) would reach p {raw:.3g} at {max_seeds} seeds, {correction}-adjusted "
-                f"{adj:.3g} over the table's {int(np.isfinite(p_values).sum())} cells"
+                f"(sd) would reach p {projected[name]:.3g} at {max_seeds} seeds, "
+                f"{correction}-adjusted {adj:.3g} over the table's {members} cells"
             )
     return futile
 
