@@ -81,18 +81,30 @@ def grid_cells(runs: pd.DataFrame) -> tuple[str, list[str], int]:
     return baselines[0], [n for n in names if n != baselines[0]], int(steps.max())
 
 
+def first_seed(runs: pd.DataFrame) -> int:
+    """The smallest seed of the runs: a grid's seeds (and so its race's) count up from it."""
+    seeds = pd.to_numeric(runs.get("params.seed", pd.Series(dtype=float)), errors="coerce")
+    return int(seeds.min()) if seeds.notna().any() else 0
+
+
 def full_grid_verdict(
-    runs: pd.DataFrame, baseline: str, cells: list[str], max_seeds: int, metric: str, ranks
+    runs: pd.DataFrame,
+    baseline: str,
+    cells: list[str],
+    max_seeds: int,
+    metric: str,
+    ranks,
+    first: int = 0,
 ) -> race.RaceVerdict:
-    """The verdict of the full grid at ``max_seeds`` seeds; InputError when a (cell, seed) of
-    it has no FINISHED run."""
+    """The verdict of the full grid at ``max_seeds`` seeds from seed ``first``; InputError when
+    a (cell, seed) of it has no FINISHED run."""
     every = {name: max_seeds for name in (baseline, *cells)}
     done = race.finished_trials(runs)
-    for trial in race.round_plan(baseline, cells, max_seeds):
+    for trial in race.round_plan(baseline, cells, max_seeds, first):
         if trial not in done:
             raise InputError(f"not a full grid at {max_seeds} seeds: no FINISHED run of "
                              f"{trial[0]} seed {trial[1]}")  # fmt: skip
-    visible = race.visible_runs(runs, every)
+    visible = race.visible_runs(runs, every, first)
     table = race.race_table(visible, metric, ranks(visible) if ranks else None)
     return race.verdict_of(table, cells, metric)
 
@@ -118,12 +130,13 @@ def fewest_trials(
     max_seeds: int,
     metric: str,
     ranks,
+    first: int = 0,
 ) -> dict[str, Any]:
     """A floor under the trials of any race from ``start_seeds`` seeds that ends with ``grid``'s
     better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the full grid}``.
 
     A cell of either set needs the first seed count n >= max(2, ``start_seeds``) at which its
-    row in the table of every cell at n seeds (seeds 0..n-1, as a race adds them) passes
+    row in the table of every cell at n seeds (seeds first..first+n-1, as a race adds them) passes
     unadjusted; the baseline needs the largest of those n (the gains pair each seed with its
     baseline run); every other cell needs ``start_seeds`` (round 1 runs them all). The level is
     the table's own (its ``alpha``). The winner part is left out: it can only add trials, so the
@@ -134,7 +147,7 @@ def fewest_trials(
     for n in range(max(2, start_seeds), max_seeds + 1):
         if len(need) == len(decided):
             break
-        visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)})
+        visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)}, first)
         table = race.race_table(visible, metric, ranks(visible) if ranks else None)
         rows = {str(row["pair_set"]): row for row in table.to_dict("records")}
         alpha = float(table.attrs.get("alpha", 0.05))
@@ -164,23 +177,29 @@ def replay(
 
     ``runs`` may also be an earlier race's ledger instead of a full grid: then the race alone
     is reported (``grid_verdict``, ``same`` and ``fewest_trials`` None), and a replay that asks
-    for a trial the ledger lacks raises InputError naming it (a rule that races differently)."""
+    for a trial the ledger lacks raises InputError naming it (a rule that races differently).
+    The race's seeds count up from the grid's smallest (``first_seed``), as ``--first-seed``
+    would have run it."""
     baseline, cells, steps = grid_cells(runs)
+    first = first_seed(runs)
     try:
-        grid = full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks)
+        grid = full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks, first)
     except InputError as error:
         say(f"race_replay: {error}; the race is replayed alone")
         grid = None
     result = race.race_loop(baseline, cells, start_seeds, max_seeds, lambda: runs, None,
                             metric=metric, steps=steps, ranks=ranks, say=say,
-                            futility=futility)  # fmt: skip
+                            futility=futility, first_seed=first)  # fmt: skip
     assert result.verdict is not None
     floor = None
     if grid is not None:
-        floor = fewest_trials(runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks)
+        floor = fewest_trials(
+            runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks, first
+        )
     return {
         "experiment": runs.attrs.get("experiment"),
         "start_seeds": start_seeds,
+        "first_seed": first,
         "futility": futility,
         **result.as_dict(),
         "share": result.spent_steps / result.full_steps,

@@ -95,13 +95,14 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     uri = args.tracking_uri or tracking.default_tracking_uri(out)
     race = _race_settings(args, preset, baseline)
     seeds = race.start_seeds if race else (args.seeds if args.seeds is not None else 1)
+    first = _first_seed(args)
     return AblationSpec(
         name=args.name or default_name(preset),
         preset=preset,
         kind=kind,
         pair_sets=pair_sets_by_name(pair_sets),
         baseline=baseline,
-        seeds=list(range(seeds)),
+        seeds=list(range(first, first + seeds)),
         run=settings.run,
         scaling=settings.scaling,
         scheduler=args.scheduler,
@@ -123,6 +124,15 @@ def _grace_period(args: argparse.Namespace) -> int | None:
     if grace < 1:
         raise InputError(f"--grace-period {grace}: at least 1 report")
     return grace
+
+
+def _first_seed(args: argparse.Namespace) -> int:
+    first = getattr(args, "first_seed", None)
+    if first is None:
+        return 0
+    if first < 0:
+        raise InputError(f"--first-seed {first}: seeds are 0 or more")
+    return first
 
 
 def _race_settings(
@@ -153,7 +163,9 @@ def _race_settings(
         raise InputError(
             f"--max-seeds {maximum} is below --seeds {start}: every cell starts with --seeds"
         )
-    return RaceSettings(start_seeds=start, max_seeds=maximum, metric="rsum")
+    return RaceSettings(
+        start_seeds=start, max_seeds=maximum, first_seed=_first_seed(args), metric="rsum"
+    )
 
 
 def print_trials(spec: AblationSpec) -> None:
@@ -180,11 +192,13 @@ def print_race_plan(spec: AblationSpec) -> None:
 
     assert spec.race is not None and spec.baseline is not None
     cells = [name for name in spec.pair_sets if name != spec.baseline]
-    first = round_plan(spec.baseline, cells, spec.race.start_seeds)
-    full = len(spec.pair_sets) * spec.race.max_seeds
-    print(f"race: round 1 runs every pair set at seeds 0..{spec.race.start_seeds - 1}; each "
+    race = spec.race
+    first = round_plan(spec.baseline, cells, race.start_seeds, race.first_seed)
+    full = len(spec.pair_sets) * race.max_seeds
+    last = race.first_seed + race.start_seeds - 1
+    print(f"race: round 1 runs every pair set at seeds {race.first_seed}..{last}; each "
           f"later round adds one seed to the cells still open and the baseline, up to "
-          f"{spec.race.max_seeds} seeds (at most {full} trials = {full * spec.run.steps} "
+          f"{race.max_seeds} seeds (at most {full} trials = {full * spec.run.steps} "
           f"trial-steps); trials already FINISHED in MLflow are not run again")  # fmt: skip
     print_trials(spec.model_copy(update={"name": f"{spec.name}-round1", "trials": first}))
 
@@ -318,6 +332,13 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="repeat each pair set with K seeds (default 1); with --race, the seeds every cell "
         f"starts with (default {RACE_START_SEEDS})",
+    )
+    group.add_argument(
+        "--first-seed",
+        type=int,
+        metavar="S",
+        help="number the seeds from S (default 0): --seeds K runs seeds S..S+K-1, a race "
+        "counts up from S; a second draw of seeds for the same grid, under another --name",
     )
     group.add_argument(
         "--race",

@@ -34,6 +34,7 @@ class RaceSettings(BaseModel):
 
     start_seeds: int = Field(default=2, ge=1, description="seeds every cell starts with (K0)")
     max_seeds: int = Field(default=5, ge=1, description="no cell runs more seeds than this (M)")
+    first_seed: int = Field(default=0, ge=0, description="the race's seeds count up from this")
     metric: str = "rsum"
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """Seed racing (F-Race style): spend seeds only on the cells whose verdict is still open.
 
-Round 1 runs every cell (pair set) and the baseline with seeds ``0..K0-1``. After each round the
+Round 1 runs every cell (pair set) and the baseline with seeds ``S..S+K0-1`` (``--first-seed``
+S, default 0). After each round the
 decision rules of ``orchestrator.race_rules`` (``decide``) keep or drop each active cell on the
 strategy-selection table of the runs so far; this module is the ledger and the loop around them.
 
@@ -51,6 +52,7 @@ class RaceRound:
     planned: list[Trial]
     launched: list[Trial]
     step: RaceStep
+    first_seed: int = 0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class RaceResult:
 def _round_dict(r: RaceRound) -> dict[str, Any]:
     return {
         "round": r.number,
+        "first_seed": r.first_seed,
         "seeds": r.seeds,
         "trials": len(r.planned),
         "launched": len(r.launched),
@@ -137,23 +140,28 @@ def finished_trials(runs: pd.DataFrame) -> set[Trial]:
     return {(str(name), int(seed)) for name, seed in pairs}
 
 
-def visible_runs(runs: pd.DataFrame, limits: dict[str, int]) -> pd.DataFrame:
-    """The runs of ``runs`` the race has asked for: pair set in ``limits`` and seed below its
-    limit (the seeds that cell had when it was last run). Other runs of the experiment (later
-    rounds of an interrupted race, a ``best --verify`` recipe) are left out, so a decision is
-    taken on the same runs whether the race runs live, resumes or is replayed."""
+def visible_runs(runs: pd.DataFrame, limits: dict[str, int], first_seed: int = 0) -> pd.DataFrame:
+    """The runs of ``runs`` the race has asked for: pair set in ``limits`` and seed in
+    ``first_seed .. first_seed + limit - 1`` (limit: the seeds that cell had when it was last
+    run). Other runs of the experiment (later rounds of an interrupted race, a ``best --verify``
+    recipe, another race's seeds) are left out, so a decision is taken on the same runs whether
+    the race runs live, resumes or is replayed."""
     if runs.empty or "params.pair_set" not in runs:
         return runs.iloc[0:0]
     names = runs["params.pair_set"].astype("string")
     seeds = _seeds(runs)
     limit = names.map(lambda n: limits.get(str(n), 0) if pd.notna(n) else 0).astype(float)
-    return runs[seeds.notna() & (seeds < limit)]
+    return runs[seeds.notna() & (seeds >= first_seed) & (seeds < first_seed + limit)]
 
 
-def round_plan(baseline: str, cells: Sequence[str], seeds: int) -> list[Trial]:
-    """Every (cell, seed) a round needs: the baseline and ``cells`` at seeds ``0..seeds-1``,
-    seed by seed (Tune's grid order)."""
-    return [(name, seed) for seed in range(seeds) for name in (baseline, *cells)]
+def round_plan(baseline: str, cells: Sequence[str], seeds: int, first_seed: int = 0) -> list[Trial]:
+    """Every (cell, seed) a round needs: the baseline and ``cells`` at seeds
+    ``first_seed .. first_seed + seeds - 1``, seed by seed (Tune's grid order)."""
+    return [
+        (name, seed)
+        for seed in range(first_seed, first_seed + seeds)
+        for name in (baseline, *cells)
+    ]
 
 
 def check_ledger(runs: pd.DataFrame, expected: dict[str, str], steps: int) -> None:
@@ -215,12 +223,13 @@ def _say(message: str) -> None:
 
 
 def round_line(r: RaceRound, cells_total: int) -> str:
-    """``race round k: n trials (l launched), seeds 0..s-1; active (a/N): ...; dropped: ...``"""
+    """``race round k: n trials (l launched), seeds f..f+s-1; active (a/N): ...; dropped: ...``"""
     launched = f"{len(r.launched)} launched" if r.launched else "all already in MLflow"
     kept = ", ".join(r.step.kept) or "-"
     dropped = "; ".join(f"{c} ({why})" for c, why in r.step.dropped.items()) or "-"
     return (
-        f"race round {r.number}: {len(r.planned)} trials ({launched}), seeds 0..{r.seeds - 1} "
+        f"race round {r.number}: {len(r.planned)} trials ({launched}), seeds "
+        f"{r.first_seed}..{r.first_seed + r.seeds - 1} "
         f"per cell; active ({len(r.step.kept)}/{cells_total}): {kept}; dropped: {dropped}; "
         f"leader {r.step.leader}; {r.step.reason}"
         + (f"; F-Race: {r.step.ranking}" if r.step.ranking else "")
@@ -239,6 +248,7 @@ def race_loop(
     ranks: Callable[[pd.DataFrame], Mapping[str, Any]] | None = None,
     say: Callable[[str], None] = _say,
     futility: str = "uncorrected",
+    first_seed: int = 0,
 ) -> RaceResult:
     """Race ``cells`` against ``baseline`` from ``start_seeds`` to at most ``max_seeds`` seeds.
 
@@ -248,7 +258,9 @@ def race_loop(
     ``launch`` None replays: every planned trial must already be in ``read_runs()``
     (InputError naming the first one missing). ``steps`` (per trial) only feeds the accounting.
     ``futility``: the futility rule of ``decide`` (``race_rules.FUTILITY_RULES``); a race for
-    real always uses the default, the other is for replays.
+    real always uses the default, the other is for replays. ``first_seed``: the race's seeds
+    are ``first_seed``, ``first_seed + 1``, ... (another race's seeds in the same experiment are
+    not read).
     """
     if start_seeds < 1 or max_seeds < start_seeds:
         raise InputError(f"race: need 1 <= --seeds ({start_seeds}) <= --max-seeds ({max_seeds})")
@@ -258,7 +270,7 @@ def race_loop(
     tried: set[Trial] = set()
     seeds = start_seeds
     for number in range(1, max_seeds - start_seeds + 2):
-        plan = round_plan(baseline, active, seeds)
+        plan = round_plan(baseline, active, seeds, first_seed)
         limits.update({name: seeds for name in (baseline, *active)})
         runs = read_runs()
         missing = [t for t in plan if t not in finished_trials(runs) and t not in tried]
@@ -278,10 +290,10 @@ def race_loop(
                     "trials unfinished; no cell is decided on a partial round")  # fmt: skip
                 return result
             runs = read_runs()
-        visible = visible_runs(runs, limits)
+        visible = visible_runs(runs, limits, first_seed)
         table = race_table(visible, metric, ranks(visible) if ranks else None)
         step = decide(table, active, seeds, max_seeds, metric, futility=futility)
-        result.rounds.append(RaceRound(number, seeds, plan, missing, step))
+        result.rounds.append(RaceRound(number, seeds, plan, missing, step, first_seed))
         say(round_line(result.rounds[-1], len(result.cells)))
         active = list(step.kept)
         if step.stop:
@@ -343,7 +355,7 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     return race_loop(
         spec.baseline, cells, settings.start_seeds, settings.max_seeds, read_runs, launch,
         metric=settings.metric, steps=spec.run.steps, ranks=RanksCache(spec.tracking_uri),
-        say=say,
+        say=say, first_seed=settings.first_seed,
     )  # fmt: skip
 
 

@@ -327,13 +327,14 @@ def test_a_better_cell_the_leader_beats_seed_for_seed_leaves_though_intervals_ov
 
 
 # ------------------------------------------------------------------------------ the ledger
-def grid_runs(values: dict[str, list[float]], baseline: str = "base", status=None):
-    """A runs_frame-shaped grid: one FINISHED run per (pair set, seed) with that rsum."""
+def grid_runs(values: dict[str, list[float]], baseline: str = "base", status=None, first=0):
+    """A runs_frame-shaped grid: one FINISHED run per (pair set, seed) with that rsum, seeds
+    counting up from ``first``."""
     keys = {baseline: "intra_ts:infonce", "a": "intra_ts:infonce,intra_ts:sd",
             "b": "intra_ts:infonce,inter_ss:kl", "c": "intra_ts:infonce,intra_ss:sd"}  # fmt: skip
     rows = []
     for name, series in values.items():
-        for seed, value in enumerate(series):
+        for seed, value in enumerate(series, first):
             rows.append({
                 "run_id": f"{name}-{seed}", "status": "FINISHED",
                 "params.pair_set": name, "params.pairs": keys[name], "params.seed": str(seed),
@@ -412,6 +413,33 @@ def test_replayed_race_sees_only_what_it_asked_for():
     )
 
 
+def test_a_race_from_a_first_seed_reads_only_its_own_seeds():
+    # Two draws of the same grid in one experiment: seeds 0..2 as GRID, seeds 3..5 with every
+    # value 10 lower for a and 30 higher for b. A race from seed 3 sees only the second draw,
+    # so it races exactly as on GRID's gains shifted (c again futile after round 1).
+    second = {"base": GRID["base"], "a": [v - 10 for v in GRID["a"]],
+              "b": [v + 30 for v in GRID["b"]], "c": GRID["c"]}  # fmt: skip
+    runs = pd.concat([grid_runs(GRID), grid_runs(second, first=3)], ignore_index=True)
+    visible = race.visible_runs(runs, {"base": 2, "a": 1}, first_seed=3)
+    assert list(visible["run_id"]) == ["base-3", "base-4", "a-3"]
+    assert race.round_plan("base", ["a"], 2, 3) == [("base", 3), ("a", 3), ("base", 4), ("a", 4)]
+    lines: list[str] = []
+    result = race.race_loop("base", ["a", "b", "c"], 2, 3, lambda: runs, None, steps=10,
+                            say=lines.append, first_seed=3)  # fmt: skip
+    assert {seed for _, seed in result.asked} == {3, 4, 5}
+    assert len(result.asked) == 11 and ("c", 5) not in result.asked
+    assert result.rounds[0].step.dropped == {
+        "c": "futile: gain +4.50 ± 2.12 (sd) would not be significant even at 3 seeds",
+    }
+    # On seeds 3, 4 b (110.5) leads a (85.5): on GRID's seeds a leads, so seeds 0..2 never
+    # entered a decision.
+    assert result.rounds[0].step.leader == "b" and result.rounds[1].step.leader == "b"
+    assert lines[0].startswith("race round 1: 8 trials (all already in MLflow), seeds 3..4 ")
+    assert lines[1].startswith("race round 2: 9 trials (all already in MLflow), seeds 3..5 ")
+    with pytest.raises(InputError, match="no FINISHED run of base seed 6"):
+        race.race_loop("base", ["a"], 2, 3, lambda: runs, None, say=lambda _: None, first_seed=4)
+
+
 def test_race_loop_launches_only_what_the_ledger_lacks():
     ledger = grid_runs({"base": [90, 91], "a": [95, 96], "b": [80, 81], "c": [93, 97]})
     full = grid_runs(GRID)
@@ -476,6 +504,25 @@ def test_replay_of_a_race_ledger_reports_the_race_alone(benchmark_script):
     assert bench.markdown_row(report) == (
         "| None | 2..3 | 11 | 110 | 120 | 92% | - | - | - | - | - | - |"
     )
+
+
+def test_replay_of_a_grid_whose_seeds_start_above_zero(benchmark_script):
+    # The same grid drawn at seeds 7..9 (`ablate --first-seed 7`): the replay races from its
+    # smallest seed, so it is the race and floor of GRID at seeds 0..2, seeds renumbered.
+    bench = benchmark_script("race_replay")
+    report = bench.replay(grid_runs(GRID, first=7), 2, 3, say=lambda _: None)
+    at_zero = bench.replay(grid_runs(GRID), 2, 3, say=lambda _: None)
+    assert report["first_seed"] == 7 and at_zero["first_seed"] == 0
+    assert (report["trials"], report["spent_steps"], report["full_steps"]) == (11, 110, 120)
+    assert report["same"] == {"winner": True, "better": True, "worse": True}
+    assert report["fewest_trials"] == at_zero["fewest_trials"]
+    same_keys = ("seeds", "trials", "kept", "dropped", "leader", "stop", "reason")
+    assert [r["first_seed"] for r in report["rounds"]] == [7, 7]
+    assert [[r[k] for k in same_keys] for r in report["rounds"]] == [
+        [r[k] for k in same_keys] for r in at_zero["rounds"]
+    ]
+    # F-Race names the seeds it ranked over: the grid's own.
+    assert "seeds 7..8" in report["rounds"][0]["ranking"]
 
 
 def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
@@ -553,6 +600,22 @@ def test_race_dry_run_shows_round_one(capsys):
         [name, "seed", str(seed)] for seed in (0, 1)
         for name in ("baseline", "baseline+intra_ts:sd", "baseline+inter_ts:sym_kl")
     ]  # fmt: skip
+
+
+def test_first_seed_numbers_the_seeds_of_a_grid_and_of_a_race(capsys):
+    assert main(["ablate", "--preset", "smoke", "--seeds", "2", "--first-seed", "5",
+                 "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("6 trials (3 pair sets x 2 seeds)")
+    assert [line.split()[2:4] for line in out[1:]] == [["seed", "5"]] * 3 + [["seed", "6"]] * 3
+    assert main(["ablate", "--preset", "smoke", "--race", "--first-seed", "5", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("race: round 1 runs every pair set at seeds 5..6;")
+    assert [line.split()[3] for line in out[2:]] == ["5"] * 3 + ["6"] * 3
+    assert main(["ablate", "--preset", "smoke", "--first-seed", "-1", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "conaclip: error: --first-seed -1: seeds are 0 or more"
+    )
 
 
 def test_help_explains_race_and_max_seeds(capsys):
