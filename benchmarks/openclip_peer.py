@@ -40,6 +40,8 @@ open_clip.add_model_config(REPO / "trainers" / "model_configs")
 
 from open_clip_train.main import main as openclip_train_main  # noqa: E402
 
+from trainers.models import register_config_file  # noqa: E402
+
 BATCH_LINE = re.compile(r"Batch \(t\): ([0-9.]+)")
 
 
@@ -65,6 +67,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="N > 1: N trainings in fresh processes, one after the other, "
                              "seeds --seed.. --seed+N-1, timed end to end")  # fmt: skip
+    parser.add_argument(
+        "--teacher",
+        default="conaclip-teacher",
+        help="--distill-model: a built-in config, an open_clip name or an "
+        "open_clip model config .json (registered here as conaclip does)",
+    )
+    parser.add_argument(
+        "--teacher-checkpoint", help="--distill-pretrained (default: the built-in teacher's file)"
+    )
+    parser.add_argument(
+        "--train-shards", help="a brace pattern of train shards (default: every built-in one)"
+    )
     parser.add_argument("--out", default="runs/bench/openclip_peer.json")
     args = parser.parse_args()
     if args.runs > 1:
@@ -74,17 +88,25 @@ def main() -> None:
     home = Path(os.environ.get("CONACLIP_HOME", Path.home() / ".cache" / "conaclip"))
     data = sorted((home / "data").glob("shapes-n*"))
     teachers = sorted((home / "teachers").glob("conaclip-teacher-*/conaclip-teacher.pt"))
-    if not data or not teachers:
-        sys.exit(f"{home}: no built-in data or teacher yet; run `conaclip demo` (or make demo)")
-    shards = sorted((data[-1] / "train").glob("*.tar"))
-    pattern = f"{shards[0].parent}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
+    if not args.train_shards and not data:
+        sys.exit(f"{home}: no built-in data yet; run `conaclip demo` (or make demo)")
+    if not args.teacher_checkpoint and not teachers:
+        sys.exit(f"{home}: no built-in teacher yet; run `conaclip demo` (or make demo)")
+    if args.train_shards:
+        pattern = args.train_shards
+    else:
+        shards = sorted((data[-1] / "train").glob("*.tar"))
+        pattern = f"{shards[0].parent}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
+    teacher = args.teacher
+    if teacher.endswith(".json"):
+        teacher = register_config_file(teacher)
     times = BatchTimes()
     with tempfile.TemporaryDirectory() as logs:
         argv = [
             "--train-data", pattern, "--dataset-type", "webdataset",
             "--train-num-samples", str(args.steps * args.batch_size),
-            "--model", args.student, "--distill-model", "conaclip-teacher",
-            "--distill-pretrained", str(teachers[-1]),
+            "--model", args.student, "--distill-model", teacher,
+            "--distill-pretrained", args.teacher_checkpoint or str(teachers[-1]),
             "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", "1",
             "--lr", "1e-3", "--warmup", "10", "--precision", "fp32",
             "--log-every-n-steps", str(max(1, args.steps // 3)),
@@ -109,6 +131,10 @@ def _sequential_runs(args: argparse.Namespace) -> None:
     out = Path(args.out)
     runs = []
     started = time.time()
+    passed = [
+        *(["--teacher-checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []),
+        *(["--train-shards", args.train_shards] if args.train_shards else []),
+    ]
     for index in range(args.runs):
         seed = args.seed + index
         one = out.with_name(f"{out.stem}-seed{seed}.json")
@@ -116,7 +142,7 @@ def _sequential_runs(args: argparse.Namespace) -> None:
         subprocess.run(
             [sys.executable, __file__, "--steps", str(args.steps), "--batch-size",
              str(args.batch_size), "--student", args.student, "--seed", str(seed), "--out",
-             str(one)],
+             str(one), "--teacher", args.teacher, *passed],
             check=True,
         )  # fmt: skip
         runs.append({"seed": seed, "wall_s": time.time() - spawn,

@@ -133,7 +133,9 @@ def ensure_teacher_cache(cfg: DistillConfig, workspace: Workspace) -> Path:
 
     checkpoint_tag = Path(cfg.teacher_checkpoint).parent.name if cfg.teacher_checkpoint else "init"
     shard_tag = Path(str(cfg.train_shards)).parent.name or "shards"
-    directory = workspace.cache_dir / f"{cfg.teacher}-{checkpoint_tag}-{shard_tag}"
+    teacher = str(cfg.teacher)
+    teacher_tag = Path(teacher).stem if teacher.endswith(".json") else teacher
+    directory = workspace.cache_dir / f"{teacher_tag}-{checkpoint_tag}-{shard_tag}"
     bar: tqdm | None = None
 
     def progress(done: int, total: int) -> None:

@@ -26,12 +26,14 @@ def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--teacher",
-        help="teacher: built-in config or open_clip name "
-        "(default: conaclip-teacher, trained on first use)",
+        help="teacher: built-in config, open_clip name, or the path of an open_clip model "
+        "config NAME.json for an architecture of your own (default: conaclip-teacher, trained "
+        "on first use)",
     )
     group.add_argument(
         "--teacher-checkpoint",
-        help="local teacher weights (needed for open_clip names; nothing is downloaded)",
+        help="local teacher weights (needed for open_clip names and .json configs; nothing is "
+        "downloaded)",
     )
     group.add_argument("--student", help="student model name (default: conaclip-student-s)")
     group.add_argument("--config", help="YAML file of settings; flags override it")

@@ -23,6 +23,7 @@ from trainers.loaders import load_eval_set, make_train_loader
 from trainers.shards import (
     BadSample,
     SampleError,
+    absolute_spec,
     check_shards,
     expand_urls,
     iter_shard,
@@ -107,6 +108,29 @@ def test_expand_urls_passes_remote_urls_through():
         "pipe:aws s3 cp s3://b/0.tar -",
         "pipe:aws s3 cp s3://b/1.tar -",
     ]
+
+
+def test_absolute_spec_anchors_local_parts_where_they_were_given(
+    tmp_path, three_shards, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    spec = "s/00002.tar,s/{00000..00001}.tar::s3://b/x-{0..1}.tar"
+    absolute = absolute_spec(spec)
+    assert (
+        absolute
+        == f"{tmp_path}/s/00002.tar::{tmp_path}/s/{{00000..00001}}.tar::s3://b/x-{{0..1}}.tar"
+    )
+    # Elsewhere (a Ray worker's own folder) the absolute spec still names the same shards.
+    monkeypatch.chdir(tmp_path / "s")
+    assert expand_urls(absolute) == [
+        three_shards[2], three_shards[0], three_shards[1], "s3://b/x-0.tar", "s3://b/x-1.tar"
+    ]  # fmt: skip
+    assert absolute_spec(absolute) == absolute
+    assert absolute_spec("pipe:aws s3 cp s3://b/{0,1}.tar -") == "pipe:aws s3 cp s3://b/{0,1}.tar -"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert absolute_spec("~/s/*.tar") == f"{tmp_path}/s/*.tar"
+    assert absolute_spec(f"file://{tmp_path}/s") == f"{tmp_path}/s"
+    assert absolute_spec("") == ""
 
 
 @pytest.mark.parametrize(

@@ -263,10 +263,17 @@ def test_cached_teacher_embeddings_equal_a_live_forward(
     from trainers.teacher_cache import build_teacher_cache, cache_shards
 
     train = str(tiny_shapes.out_dir / "train")
+    calls: list[tuple[int, int]] = []
     manifest = build_teacher_cache(
-        tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "cache"
+        tiny_teacher.name,
+        str(tiny_teacher.checkpoint),
+        train,
+        tmp_path / "cache",
+        progress=lambda done, total: calls.append((done, total)),
     )
     assert manifest.samples == 600 and manifest.skipped == 0
+    # A build shows its bar at 0 before the first of its 3 shards is done, then one per shard.
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
     # Written as the data shards are: ustar headers (no pax header per member), fixed mtime.
     with tarfile.open(tmp_path / "cache" / manifest.cache_shards[0]) as tar:
         members = tar.getmembers()
@@ -289,8 +296,16 @@ def test_cached_teacher_embeddings_equal_a_live_forward(
     torch.testing.assert_close(cached_text, live_text, atol=1e-5, rtol=0)
     # A second build with the same teacher and shards reuses the cache (same manifest file).
     mtime = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
-    build_teacher_cache(tiny_teacher.name, str(tiny_teacher.checkpoint), train, tmp_path / "cache")
+    calls.clear()
+    build_teacher_cache(
+        tiny_teacher.name,
+        str(tiny_teacher.checkpoint),
+        train,
+        tmp_path / "cache",
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == mtime
+    assert calls == []  # a reused cache reports no progress, so the CLI draws no bar
 
 
 def test_stale_cache_is_refused(tiny_shapes, tiny_teacher, tmp_path, local_ray):

@@ -77,8 +77,54 @@ class LoadedModel:
     checkpoint: Path | None = None
 
 
+def register_config_file(path: str | Path) -> str:
+    """Register one open_clip model config file (``NAME.json``) and return NAME.
+
+    The file holds what open_clip's own configs hold: ``embed_dim``, ``vision_cfg`` and
+    ``text_cfg``. Registration is per process (open_clip keeps a module-level registry), so
+    every process that builds the model calls this, which ``load_model`` does. InputError
+    naming the file for a missing or unreadable file, a missing field, or a NAME open_clip
+    already resolves to a different config (registering it would silently replace that
+    architecture in this process).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model config {path} not found (expected an open_clip model .json)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"model config {path}: not readable as JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise InputError(f"model config {path}: expected a JSON object")
+    for key, kind, wanted in (
+        ("embed_dim", int, "an integer"),
+        ("vision_cfg", dict, "an object"),
+        ("text_cfg", dict, "an object"),
+    ):
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise InputError(
+                f"model config {path}: field {key}: expected {wanted}, as in open_clip's configs"
+            )
+    name = path.stem
+    known = open_clip.get_model_config(name)
+    if known == config:
+        return name
+    if known is not None:
+        raise InputError(
+            f"model config {path}: open_clip already has an architecture '{name}' with another "
+            "config; rename the file"
+        )
+    open_clip.add_model_config(path)
+    return name
+
+
 def _resolve_name(name: str) -> str:
-    """The open_clip registry name for ``name``; InputError when it names nothing local."""
+    """The open_clip registry name for ``name``; InputError when it names nothing local.
+
+    ``name`` ending in ``.json`` is a model config file (``register_config_file``)."""
+    if name.endswith(".json"):
+        register_builtin_configs()
+        return register_config_file(name)
     if name.startswith(_SCHEMA_PREFIXES):
         raise InputError(
             f"model '{name}': schema names are not supported (nothing is downloaded); pass an "
@@ -223,8 +269,9 @@ def load_model(
 ) -> LoadedModel:
     """Build ``name`` through open_clip and load ``checkpoint`` into it.
 
-    ``name``: a built-in config (random init without a checkpoint) or an open_clip architecture
-    (needs ``checkpoint``). ``checkpoint``: a local file read by ``read_state_dict``. InputError
+    ``name``: a built-in config (random init without a checkpoint), an open_clip architecture
+    or the path of an open_clip model config ``.json`` (both need ``checkpoint``).
+    ``checkpoint``: a local file read by ``read_state_dict``. InputError
     for an unknown name (with close matches), an open_clip name without a checkpoint, a missing
     or unsafe file, or weights that do not fit the architecture.
     """

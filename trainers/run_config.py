@@ -7,6 +7,7 @@ turns pydantic's report into the one-line message the CLI prints.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -165,7 +166,10 @@ class DistillConfig(BaseModel):
         description="loss terms; teacher pre-training is [inter_ss:infonce] with no teacher",
     )
     student: str = "conaclip-student-s"
-    teacher: str | None = "conaclip-teacher"
+    teacher: str | None = Field(
+        default="conaclip-teacher",
+        description="built-in config, open_clip architecture, or an open_clip model config .json",
+    )
     teacher_checkpoint: str | None = None
     train_shards: str = ""
     eval_shards: str = ""
@@ -215,6 +219,30 @@ class DistillConfig(BaseModel):
     )
     torch_threads: int | None = Field(default=None, ge=1)
     out_dir: str = Field(default="", description="where checkpoints go when run without Ray")
+
+    # Files are read again in Ray workers, whose working directory is not the CLI's (Tune runs
+    # each trial in a folder of its own): relative paths are made absolute where they are given.
+    @field_validator("teacher")
+    @classmethod
+    def _config_file_absolute(cls, value: str | None) -> str | None:
+        if value and value.endswith(".json"):
+            path = Path(os.path.abspath(Path(value).expanduser()))
+            if not path.is_file():
+                raise ValueError(f"model config file {path} not found (an open_clip model .json)")
+            return str(path)
+        return value
+
+    @field_validator("teacher_checkpoint", "teacher_cache", "eval_cache", "out_dir")
+    @classmethod
+    def _path_absolute(cls, value: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(value)) if value else value
+
+    @field_validator("train_shards", "eval_shards")
+    @classmethod
+    def _shards_absolute(cls, value: str) -> str:
+        from trainers.shards import absolute_spec  # webdataset and PIL: only when shards are set
+
+        return absolute_spec(value)
 
     @field_validator("pairs", mode="before")
     @classmethod

@@ -65,6 +65,24 @@ def _split_top_level(spec: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with every local part made absolute (``~`` expanded); URLs kept as they are.
+
+    A trial reads its shard list in a Ray worker whose working directory is not the CLI's, so a
+    relative pattern would name other files there. Parts are joined with "::", which
+    ``expand_urls`` splits like the commas they may have been given with.
+    """
+    if not spec:
+        return spec
+    parts = [
+        part
+        if _has_scheme(part)
+        else os.path.abspath(os.path.expanduser(part.removeprefix("file://")))
+        for part in _split_top_level(spec)
+    ]
+    return "::".join(parts)
+
+
 def _expand_local(pattern: str) -> list[str]:
     path_pattern = os.path.expanduser(pattern.removeprefix("file://"))
     found: list[str] = []

@@ -197,7 +197,8 @@ def build_teacher_cache(
     """Build (or reuse) the cache for ``train_shards``: one Ray task per shard.
 
     Reused when the manifest's fingerprint matches, rebuilt otherwise. ``progress(done, total)``
-    is called as shards finish. Uses the running Ray cluster (``ray.init`` if none).
+    is called once with done 0 when a build starts (never for a reused cache), then as shards
+    finish. Uses the running Ray cluster (``ray.init`` if none).
     """
     import ray
 
@@ -230,6 +231,8 @@ def build_teacher_cache(
         ): name
         for shard, name in zip(shards, names, strict=True)
     }
+    if progress:  # at 0 now: the first shard can take minutes with a large teacher
+        progress(0, len(refs))
     samples = skipped = 0
     remaining = list(refs)
     while remaining:
