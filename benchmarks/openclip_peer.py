@@ -40,7 +40,7 @@ open_clip.add_model_config(REPO / "trainers" / "model_configs")
 
 from open_clip_train.main import main as openclip_train_main  # noqa: E402
 
-from trainers.models import register_config_file  # noqa: E402
+from trainers.models import resolve_model_name  # noqa: E402
 
 BATCH_LINE = re.compile(r"Batch \(t\): ([0-9.]+)")
 
@@ -97,9 +97,7 @@ def main() -> None:
     else:
         shards = sorted((data[-1] / "train").glob("*.tar"))
         pattern = f"{shards[0].parent}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
-    teacher = args.teacher
-    if teacher.endswith(".json"):
-        teacher = register_config_file(teacher)
+    teacher = resolve_model_name(args.teacher)
     times = BatchTimes()
     with tempfile.TemporaryDirectory() as logs:
         argv = [

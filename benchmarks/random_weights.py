@@ -27,7 +27,7 @@ trainers.torchvision_compat.ensure_torchvision_importable()
 
 import open_clip  # noqa: E402
 
-from trainers.models import register_builtin_configs, register_config_file  # noqa: E402
+from trainers.models import resolve_model_name  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the .pt file to write")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random init")
     args = parser.parse_args()
-    register_builtin_configs()
-    name = register_config_file(args.model) if args.model.endswith(".json") else args.model
+    name = resolve_model_name(args.model)
     torch.manual_seed(args.seed)
     model = open_clip.create_model(name, pretrained=None)
     out = Path(args.out)

@@ -129,12 +129,12 @@ def ensure_teacher_cache(cfg: DistillConfig, workspace: Workspace) -> Path:
     """Build (or reuse) the teacher-embedding cache for cfg's teacher and train shards."""
     from tqdm import tqdm
 
+    from trainers.models import model_label
     from trainers.teacher_cache import build_teacher_cache
 
     checkpoint_tag = Path(cfg.teacher_checkpoint).parent.name if cfg.teacher_checkpoint else "init"
     shard_tag = Path(str(cfg.train_shards)).parent.name or "shards"
-    teacher = str(cfg.teacher)
-    teacher_tag = Path(teacher).stem if teacher.endswith(".json") else teacher
+    teacher_tag = model_label(str(cfg.teacher))
     directory = workspace.cache_dir / f"{teacher_tag}-{checkpoint_tag}-{shard_tag}"
     bar: tqdm | None = None
 

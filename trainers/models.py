@@ -118,11 +118,22 @@ def register_config_file(path: str | Path) -> str:
     return name
 
 
-def _resolve_name(name: str) -> str:
-    """The open_clip registry name for ``name``; InputError when it names nothing local.
+def model_label(name: str) -> str:
+    """The name a model goes by: a config file's NAME (``path/NAME.json``), else ``name``.
+    Needs no registry, so folder names can use it before anything is built."""
+    return Path(name).stem if is_config_file(name) else name
 
-    ``name`` ending in ``.json`` is a model config file (``register_config_file``)."""
-    if name.endswith(".json"):
+
+def is_config_file(name: str) -> bool:
+    """Whether a model name is the path of an open_clip model config file."""
+    return name.endswith(".json")
+
+
+def resolve_model_name(name: str) -> str:
+    """The open_clip registry name for ``name``, registering the built-in configs (and
+    ``name`` itself when it is a config file, ``register_config_file``) with open_clip first;
+    InputError when it names nothing local."""
+    if is_config_file(name):
         register_builtin_configs()
         return register_config_file(name)
     if name.startswith(_SCHEMA_PREFIXES):
@@ -275,7 +286,7 @@ def load_model(
     for an unknown name (with close matches), an open_clip name without a checkpoint, a missing
     or unsafe file, or weights that do not fit the architecture.
     """
-    resolved = _resolve_name(name)
+    resolved = resolve_model_name(name)
     if checkpoint is None and resolved not in builtin_model_names():
         raise InputError(
             f"model '{name}' needs a local checkpoint (--teacher-checkpoint FILE); "
@@ -386,6 +397,6 @@ def build_student(
     ``teacher_embed_dim`` None: no teacher (plain CLIP training), so no heads.
     ``LoadedModel.model`` is the same module as ``DistillStudent.clip``.
     """
-    loaded = _create(_resolve_name(name), device)
+    loaded = _create(resolve_model_name(name), device)
     student = DistillStudent(loaded.model, teacher_embed_dim, model_cfg=loaded.model_cfg)
     return student.to(device), loaded

@@ -225,11 +225,11 @@ class DistillConfig(BaseModel):
     @field_validator("teacher")
     @classmethod
     def _config_file_absolute(cls, value: str | None) -> str | None:
-        if value and value.endswith(".json"):
-            path = Path(os.path.abspath(Path(value).expanduser()))
-            if not path.is_file():
+        if value and value.endswith(".json"):  # trainers.models.is_config_file, without torch
+            path = os.path.abspath(os.path.expanduser(value))
+            if not os.path.isfile(path):
                 raise ValueError(f"model config file {path} not found (an open_clip model .json)")
-            return str(path)
+            return path
         return value
 
     @field_validator("teacher_checkpoint", "teacher_cache", "eval_cache", "out_dir")

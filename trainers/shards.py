@@ -75,16 +75,19 @@ def absolute_spec(spec: str) -> str:
     if not spec:
         return spec
     parts = [
-        part
-        if _has_scheme(part)
-        else os.path.abspath(os.path.expanduser(part.removeprefix("file://")))
+        part if _has_scheme(part) else os.path.abspath(_local_pattern(part))
         for part in _split_top_level(spec)
     ]
     return "::".join(parts)
 
 
+def _local_pattern(part: str) -> str:
+    """A local part of a shard spec as a file-system pattern: no ``file://``, ``~`` expanded."""
+    return os.path.expanduser(part.removeprefix("file://"))
+
+
 def _expand_local(pattern: str) -> list[str]:
-    path_pattern = os.path.expanduser(pattern.removeprefix("file://"))
+    path_pattern = _local_pattern(pattern)
     found: list[str] = []
     for candidate in braceexpand.braceexpand(path_pattern):
         if os.path.isdir(candidate):
