@@ -12,6 +12,8 @@ comparisons built from several such runs.
     python benchmarks/ablation_scale.py run --preset demo --nodes 2 --out .../nodes2.json
     # tables
     python benchmarks/ablation_scale.py asha runs/bench/ablation/grid-s0.json .../asha-s0.json
+    # ASHA seed by seed, each against the same seed of one grid (--grace-period: reports)
+    python benchmarks/ablation_scale.py asha .../grid-s012-e150.json .../asha-s0-g2.json ...
     python benchmarks/ablation_scale.py stability .../grid-s0.json .../grid-s1.json .../grid-s2.json
     python benchmarks/ablation_scale.py scaling .../grid-s0.json .../nodes1.json .../nodes2.json
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import secrets
 import statistics
@@ -147,7 +150,7 @@ def _run(args: argparse.Namespace) -> None:
 
     from orchestrator import table, tracking
     from orchestrator.ablate_cli import add_ablation_flags, build_spec
-    from orchestrator.ablation import run_ablation
+    from orchestrator.ablation import asha_grace_period, run_ablation
     from orchestrator.assets import resolve_run
     from orchestrator.cli_flags import workspace_of
     from orchestrator.ray_cluster import start_local_cluster
@@ -161,6 +164,8 @@ def _run(args: argparse.Namespace) -> None:
              "--student", args.student, "--steps", str(args.steps),
              "--eval-every", str(args.eval_every), "--batch-size", str(args.batch_size),
              "--scheduler", args.scheduler]  # fmt: skip
+    if args.grace_period is not None:
+        flags += ["--grace-period", str(args.grace_period)]
     spec, use_cache = build_spec(parser.parse_args(flags))
     spec = spec.model_copy(update={"seeds": seeds})
     started = time.time()
@@ -202,6 +207,7 @@ def _run(args: argparse.Namespace) -> None:
         "cluster": cluster,
         "trials": trials,
         "failed": [t.pair_set for t in outcome.failed],
+        "grace_period": asha_grace_period(spec) if args.scheduler == "asha" else None,
         "timings": timings,
         "table": json.loads(selection[keep].to_json(orient="records")),
         "best": str(selection.loc[selection["rsum_mean"].idxmax(), "pair_set"]),
@@ -266,26 +272,101 @@ def _load(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def _asha(args: argparse.Namespace) -> None:
-    grid, asha = _load(args.grid), _load(args.asha)
-    steps = {name: sum(t["step"] or 0 for t in r["trials"]) for name, r in
-             (("grid", grid), ("asha", asha))}  # fmt: skip
-    print("| run | trials | trial-steps | wall s | top-1 pair set | its rsum |")
-    print("|---|---:|---:|---:|---|---:|")
-    for label, r in (("full grid", grid), ("ASHA", asha)):
-        best = max(r["table"], key=lambda row: row["rsum_mean"])
-        print(
-            f"| {label} | {len(r['trials'])} | {steps['grid' if r is grid else 'asha']} | "
-            f"{r['timings']['trials_s']:.0f} | {best['pair_set']} | {best['rsum_mean']:.2f} |"
+def asha_vs_grid(grid: dict[str, Any], asha: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per seed of the ASHA run: its trial-steps against the grid's trials of the same
+    seed, each run's top-1 pair set (ASHA's among the trials it ran to the end), the grid's rank
+    (1 = top) and rsum gap of ASHA's pick, the step at which ASHA stopped the grid's top-1, and
+    the largest rsum difference between a trial ASHA ran to the end and the grid's same trial
+    (0 when evaluating more often leaves training untouched). Raises ValueError when the grid
+    lacks one of ASHA's seeds."""
+    rows = []
+    for seed in sorted({t["seed"] for t in asha["trials"]}):
+        ran = [t for t in asha["trials"] if t["seed"] == seed]
+        full = {t["pair_set"]: t for t in grid["trials"] if t["seed"] == seed}
+        if not full:
+            raise ValueError(f"{grid.get('ablation', 'grid')}: no trials of seed {seed}")
+        end = max(t["step"] or 0 for t in full.values())
+        done = [t for t in ran if t["step"] == end and t["rsum"] is not None]
+        order = sorted(full, key=lambda name: full[name]["rsum"], reverse=True)
+        grid_top = order[0]
+        pick = max(done, key=lambda t: t["rsum"])["pair_set"] if done else None
+        stopped = {t["pair_set"]: t["step"] for t in ran}
+        steps = {"asha": sum(t["step"] or 0 for t in ran),
+                 "grid": sum(t["step"] or 0 for t in full.values())}  # fmt: skip
+        rows.append(
+            {
+                "seed": seed,
+                "grace_period": asha.get("grace_period"),
+                "asha_steps": steps["asha"],
+                "grid_steps": steps["grid"],
+                "share": steps["asha"] / steps["grid"],
+                "ran_to_end": len(done),
+                "grid_top": grid_top,
+                "grid_top_rsum": full[grid_top]["rsum"],
+                "asha_top": pick,
+                "asha_top_rsum": full[pick]["rsum"] if pick else None,
+                "same_top": pick == grid_top,
+                "asha_top_grid_rank": order.index(pick) + 1 if pick else None,
+                "gap": full[grid_top]["rsum"] - full[pick]["rsum"] if pick else None,
+                "grid_top_stopped_at": stopped.get(grid_top),
+                "max_rsum_diff": max(
+                    (abs(t["rsum"] - full[t["pair_set"]]["rsum"]) for t in done), default=None
+                ),
+            }
         )
-    ratio = steps["asha"] / steps["grid"]
-    same = grid["best"] == asha["best"]
-    print(f"\nASHA spent {100 * ratio:.0f}% of the grid's trial-steps; same top-1: {same} "
-          f"(goal: same winner with <= 50%)")  # fmt: skip
+    return rows
+
+
+def asha_rungs(reports: int, grace: int, rf: int = 2) -> list[int]:
+    """Tune's ASHA milestones (in reports) for ``max_t=reports``, ``grace_period=grace`` and
+    reduction factor ``rf``, in ascending order (the formula of Tune's ``_Bracket``, s = 0)."""
+    count = int(math.log(reports / grace) / math.log(rf) + 1)
+    return [grace * rf**k for k in range(count)]
+
+
+def halving_step_share(reports: int, grace: int, rf: int = 2) -> float:
+    """Share of a full grid's trial-steps that synchronous successive halving spends on those
+    rungs: every trial reaches the first rung, 1/rf of them the next, and so on, and the last
+    rung's survivors run to ``reports``. Asynchronous ASHA lets the first trials at a rung
+    through before its cutoff has data, so it usually spends more."""
+    share, reached, done = 0.0, 1.0, 0
+    for milestone in [*asha_rungs(reports, grace, rf), reports]:
+        share += reached * (min(milestone, reports) - done)
+        done, reached = min(milestone, reports), reached / rf
+    return share / reports
+
+
+def _asha(args: argparse.Namespace) -> None:
+    grid = _load(args.grid)
+    rows = [row for path in args.asha for row in asha_vs_grid(grid, _load(path))]
+    print("| seed | grace (reports) | ASHA trial-steps | share of the grid's | ran to the end "
+          "| grid top-1 (rsum) | ASHA top-1 (rsum) | its grid rank, gap | grid top-1 stopped "
+          "at step |\n|---:|---:|---:|---:|---:|---|---|---|---:|")  # fmt: skip
+    for r in rows:
+        pick = (
+            f"`{r['asha_top']}` ({r['asha_top_rsum']:.2f}) | {r['asha_top_grid_rank']}, "
+            f"{r['gap']:+.2f}"
+            if r["asha_top"]
+            else "none ran to the end | -"
+        )
+        print(
+            f"| {r['seed']} | {r['grace_period']} | {r['asha_steps']} | {100 * r['share']:.0f}% "
+            f"| {r['ran_to_end']} | `{r['grid_top']}` ({r['grid_top_rsum']:.2f}) | {pick} "
+            f"| {r['grid_top_stopped_at']} |"
+        )
+    same = sum(r["same_top"] for r in rows)
+    diffs = [r["max_rsum_diff"] for r in rows if r["max_rsum_diff"] is not None]
+    print(f"\nsame top-1 in {same} of {len(rows)} seed(s) (goal: the grid's winner with <= 50% "
+          f"of its trial-steps); trials run to the end differ from the grid's by at most "
+          f"{max(diffs, default=float('nan')):.4f} rsum")  # fmt: skip
+    reports = max(t["step"] or 0 for t in grid["trials"]) // args.eval_every
+    print(f"\nsynchronous halving (reduction 2) over {reports} reports, by grace period:")
+    for grace in range(1, reports + 1):
+        rungs = ", ".join(str(r * args.eval_every) for r in asha_rungs(reports, grace))
+        share = halving_step_share(reports, grace)
+        print(f"  grace {grace} (rungs at steps {rungs}): {100 * share:.1f}% of the trial-steps")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": steps, "ratio": ratio, "same_top1": same,
-                                          "grid_best": grid["best"], "asha_best": asha["best"]},
-                                         indent=2))  # fmt: skip
+    Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -367,6 +448,8 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=150)
     run.add_argument("--eval-every", type=int, default=30)
     run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--grace-period", type=int, default=None,
+                     help="reports before ASHA may stop a trial (default: conaclip's)")  # fmt: skip
     run.add_argument(
         "--fresh-cache",
         action="store_true",
@@ -383,7 +466,8 @@ def main() -> None:
     run.set_defaults(handler=_run)
     asha = sub.add_parser("asha", help="ASHA vs the full grid: trial-steps and the winner")
     asha.add_argument("grid")
-    asha.add_argument("asha")
+    asha.add_argument("asha", nargs="+", help="ASHA runs' JSONs (each of seeds in the grid)")
+    asha.add_argument("--eval-every", type=int, default=30, help="the ASHA runs' (steps)")
     asha.add_argument("--out", default="runs/bench/ablation/asha_vs_grid.json")
     asha.set_defaults(handler=_asha)
     stability = sub.add_parser("stability", help="one grid over several seeds: ranking spread")

@@ -18,3 +18,57 @@ def test_seed_prefix_walls_is_empty_for_results_without_timestamps(benchmark_scr
     assert bench.seed_prefix_walls({"timings": {}, "trials": [{"seed": 0}]}) == {}
     old = {"timings": {"started_at": 0.0}, "trials": [{"seed": 0, "ended_at": None}]}
     assert bench.seed_prefix_walls(old) == {}
+
+
+def _trial(pair_set: str, seed: int, step: int, rsum: float) -> dict:
+    return {"pair_set": pair_set, "seed": seed, "step": step, "rsum": rsum}
+
+
+def test_asha_vs_grid_compares_each_seed_with_the_same_seed_of_the_grid(benchmark_script):
+    # Grid, seed 0: a 90 > b 80 > c 70; seed 1: c 95 > a 85 > b 60 (150 steps each).
+    grid = {"trials": [_trial("a", 0, 150, 90.0), _trial("b", 0, 150, 80.0),
+                       _trial("c", 0, 150, 70.0), _trial("a", 1, 150, 85.0),
+                       _trial("b", 1, 150, 60.0), _trial("c", 1, 150, 95.0)]}  # fmt: skip
+    # ASHA on seed 0 stopped a (the grid's top) at step 60, ran b and c to the end; b's
+    # rsum there is 0.5 off the grid's, c's equal.
+    asha = {"grace_period": 2,
+            "trials": [_trial("a", 0, 60, 40.0), _trial("b", 0, 150, 80.5),
+                       _trial("c", 0, 150, 70.0)]}  # fmt: skip
+    [row] = benchmark_script("ablation_scale").asha_vs_grid(grid, asha)
+    assert row["seed"] == 0 and row["grace_period"] == 2
+    assert (row["asha_steps"], row["grid_steps"]) == (360, 450)
+    assert row["share"] == 0.8 and row["ran_to_end"] == 2
+    assert (row["grid_top"], row["asha_top"], row["same_top"]) == ("a", "b", False)
+    # ASHA's pick is the grid's 2nd, 10 rsum behind the grid's top (the grid's values).
+    assert (row["asha_top_grid_rank"], row["gap"], row["asha_top_rsum"]) == (2, 10.0, 80.0)
+    assert row["grid_top_stopped_at"] == 60 and row["max_rsum_diff"] == 0.5
+
+
+def test_asha_vs_grid_names_a_seed_the_grid_lacks(benchmark_script):
+    import pytest
+
+    grid = {"ablation": "sa", "trials": [_trial("a", 0, 150, 90.0)]}
+    asha = {"trials": [_trial("a", 3, 150, 90.0)]}
+    with pytest.raises(ValueError, match="sa: no trials of seed 3"):
+        benchmark_script("ablation_scale").asha_vs_grid(grid, asha)
+
+
+def test_asha_rungs_follow_tunes_bracket(benchmark_script):
+    bench = benchmark_script("ablation_scale")
+    # max_t 5, reduction 2: grace 1 -> rungs 1, 2, 4; grace 2 -> 2, 4; grace 3 -> 3 alone.
+    assert bench.asha_rungs(5, 1) == [1, 2, 4]
+    assert bench.asha_rungs(5, 2) == [2, 4]
+    assert bench.asha_rungs(5, 3) == [3]
+    assert bench.asha_rungs(9, 1, rf=3) == [1, 3, 9]
+
+
+def test_halving_step_share_by_hand(benchmark_script):
+    bench = benchmark_script("ablation_scale")
+    # grace 1 of 5 reports: 1 report for all, then 1/2 for 1, 1/4 for 2, 1/8 for 1:
+    # (1 + 0.5 + 0.5 + 0.125) / 5 = 0.425.
+    assert abs(bench.halving_step_share(5, 1) - 0.425) < 1e-12
+    # grace 2: 2 + 0.5 * 2 + 0.25 * 1 = 3.25 of 5; grace 3: 3 + 0.5 * 2 = 4 of 5.
+    assert abs(bench.halving_step_share(5, 2) - 0.65) < 1e-12
+    assert abs(bench.halving_step_share(5, 3) - 0.8) < 1e-12
+    # a rung at the last report stops nothing after it: everyone runs all 5.
+    assert bench.halving_step_share(5, 5) == 1.0
