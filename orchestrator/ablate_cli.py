@@ -107,6 +107,7 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
         scaling=settings.scaling,
         scheduler=args.scheduler,
         grace_period=_grace_period(args),
+        reduction_factor=_reduction_factor(args),
         out_dir=str(out),
         tracking_uri=uri,
         max_concurrent_trials=args.max_concurrent_trials,
@@ -124,6 +125,17 @@ def _grace_period(args: argparse.Namespace) -> int | None:
     if grace < 1:
         raise InputError(f"--grace-period {grace}: at least 1 report")
     return grace
+
+
+def _reduction_factor(args: argparse.Namespace) -> int:
+    factor = getattr(args, "reduction_factor", None)
+    if factor is None:
+        return 2
+    if args.scheduler != "asha":
+        raise InputError("--reduction-factor: only with --scheduler asha (fifo stops no trial)")
+    if factor < 2:
+        raise InputError(f"--reduction-factor {factor}: at least 2 (1 would stop no trial)")
+    return factor
 
 
 def _first_seed(args: argparse.Namespace) -> int:
@@ -371,6 +383,12 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="--scheduler asha: reports every trial gets before ASHA may stop it (default: "
         "the first report after warm-up and the auto-weight measurement)",
+    )
+    group.add_argument(
+        "--reduction-factor",
+        type=int,
+        help="--scheduler asha: at each rung only the best 1/RF of the trials go on (default "
+        "2); rungs at grace x RF^k reports. A larger RF prunes harder from a later first rung",
     )
     group.add_argument("--name", help="ablation id: Tune run and MLflow experiment name")
     group.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<out>/mlruns.db)")

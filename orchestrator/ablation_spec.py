@@ -73,6 +73,9 @@ class AblationSpec(BaseModel):
     grace_period: int | None = Field(
         default=None, ge=1, description="ASHA: reports before a trial may be stopped"
     )
+    reduction_factor: int = Field(
+        default=2, ge=2, description="ASHA: 1/rf of the trials at a rung go on to the next"
+    )
     out_dir: str
     tracking_uri: str
     max_concurrent_trials: int | None = Field(default=None, ge=1)

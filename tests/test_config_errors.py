@@ -137,12 +137,19 @@ def test_one_teacher_budget_per_precision():
 def test_asha_grace_period_defaults_to_the_first_report_after_warm_up():
     from orchestrator.ablation import asha_grace_period
 
-    # demo settings (warm-up 20, auto weights measured over steps 20-24) with an eval every
-    # 10 steps: the weights are fixed after step 25, so the first report that follows is
-    # the one at step 30, the 3rd of 15.
+    # demo settings (150 steps, warm-up 20, auto weights measured over steps 20-24) with an
+    # eval every 10 steps: the weights are fixed after step 25, but the first rung waits for a
+    # third of the steps, step 50, the 5th report of 15.
     spec = _spec(["--preset", "demo", "--scheduler", "asha", "--eval-every", "10"])
-    assert (spec.run.balance_step, spec.run.balance_window) == (20, 5)
-    assert asha_grace_period(spec) == 3
+    assert (spec.run.balance_step, spec.run.balance_window, spec.run.steps) == (20, 5, 150)
+    assert asha_grace_period(spec) == 5
+    # every 30 steps: step 50 falls between reports, so the 2nd (step 60).
+    assert asha_grace_period(_spec(["--preset", "demo", "--scheduler", "asha",
+                                    "--eval-every", "30"])) == 2  # fmt: skip
+    # 60 steps: a third is step 20, before the weights are fixed at 25: the report at 30.
+    short = _spec(["--preset", "demo", "--scheduler", "asha", "--eval-every", "10",
+                   "--steps", "60"])  # fmt: skip
+    assert (short.run.balance_step, asha_grace_period(short)) == (20, 3)
     # every 150 steps: one report, and the grace period never exceeds the reports.
     assert asha_grace_period(_spec(["--preset", "demo", "--scheduler", "asha"])) == 1
     given = _spec(["--preset", "demo", "--scheduler", "asha", "--eval-every", "10",
@@ -155,6 +162,8 @@ def test_asha_grace_period_defaults_to_the_first_report_after_warm_up():
     [
         (["--grace-period", "2"], "--grace-period: only with --scheduler asha"),
         (["--scheduler", "asha", "--grace-period", "0"], "--grace-period 0: at least 1 report"),
+        (["--reduction-factor", "4"], "--reduction-factor: only with --scheduler asha"),
+        (["--scheduler", "asha", "--reduction-factor", "1"], "--reduction-factor 1: at least 2"),
     ],
 )
 def test_grace_period_errors(argv, expected):
@@ -162,6 +171,43 @@ def test_grace_period_errors(argv, expected):
 
     with pytest.raises(InputError, match=expected):
         _spec(["--preset", "demo", *argv])
+
+
+def test_reduction_factor_reaches_the_spec():
+    assert _spec(["--preset", "demo", "--scheduler", "asha"]).reduction_factor == 2
+    given = _spec(["--preset", "demo", "--scheduler", "asha", "--reduction-factor", "4"])
+    assert given.reduction_factor == 4
+
+
+def _asha_decisions(scheduler, rsums: list[float], report: int) -> list[str]:
+    """Feed Tune's scheduler one result per trial at ``report`` (trials in order), as Tune
+    does; return each trial's decision."""
+    from types import SimpleNamespace
+
+    scheduler.set_search_properties("rsum", "max")
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(len(rsums))]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    return [
+        scheduler.on_trial_result(None, trial, {"training_iteration": report, "rsum": rsum})
+        for trial, rsum in zip(trials, rsums, strict=True)
+    ]
+
+
+def test_asha_scheduler_stops_below_the_rungs_quantile():
+    from orchestrator.ablation import asha_scheduler
+
+    # 5 reports, grace 1, reduction 4: rungs at reports 1 and 4. At report 1 each trial is held
+    # against the 75th percentile (numpy's linear) of the rsums recorded there before it:
+    # t0 10 (none yet: on), t1 20 (>= 10: on), t2 12 (pct of [10, 20] = 17.5: stop),
+    # t3 30 (pct of [10, 20, 12] = 16: on), t4 18 (pct of [10, 20, 12, 30] = 22.5: stop).
+    decisions = _asha_decisions(asha_scheduler(5, 1, 4), [10, 20, 12, 30, 18], report=1)
+    assert decisions == ["CONTINUE", "CONTINUE", "STOP", "CONTINUE", "STOP"]
+    # Reduction 2 holds each against the median instead: t2 12 < 15 stops, t4 18 >= 16 goes on.
+    decisions = _asha_decisions(asha_scheduler(5, 1, 2), [10, 20, 12, 30, 18], report=1)
+    assert decisions == ["CONTINUE", "CONTINUE", "STOP", "CONTINUE", "CONTINUE"]
+    # Before the grace period no trial is judged, however low.
+    assert _asha_decisions(asha_scheduler(5, 2, 2), [10, 20, 1], report=1) == ["CONTINUE"] * 3
 
 
 def test_fractional_gpus_pack_trials_on_one_gpu():
