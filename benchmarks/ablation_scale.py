@@ -124,9 +124,19 @@ def _trial_rows(tune_path: Path) -> list[dict[str, Any]]:
     from ray.tune import ExperimentAnalysis
 
     rows = []
-    for trial in ExperimentAnalysis(str(tune_path)).trials:
+    analysis = ExperimentAnalysis(str(tune_path))
+    frames = analysis.trial_dataframes
+    for trial in analysis.trials:
         last = trial.last_result or {}
+        frame = frames.get(trial.trial_id)
+        curve = (
+            [[int(step), float(rsum)] for step, rsum in frame[["step", "rsum"]].dropna().values]
+            if frame is not None and {"step", "rsum"} <= set(frame.columns)
+            else []
+        )
         row = {
+            "trial_id": trial.trial_id,
+            "curve": curve,  # [step, rsum] at every report: what an ASHA replay reads
             "pair_set": trial.config["pair_set"],
             "seed": trial.config["seed"],
             "status": trial.status,
@@ -166,6 +176,8 @@ def _run(args: argparse.Namespace) -> None:
              "--scheduler", args.scheduler]  # fmt: skip
     if args.grace_period is not None:
         flags += ["--grace-period", str(args.grace_period)]
+    if args.reduction_factor is not None:
+        flags += ["--reduction-factor", str(args.reduction_factor)]
     spec, use_cache = build_spec(parser.parse_args(flags))
     spec = spec.model_copy(update={"seeds": seeds})
     started = time.time()
@@ -208,6 +220,7 @@ def _run(args: argparse.Namespace) -> None:
         "trials": trials,
         "failed": [t.pair_set for t in outcome.failed],
         "grace_period": asha_grace_period(spec) if args.scheduler == "asha" else None,
+        "reduction_factor": spec.reduction_factor if args.scheduler == "asha" else None,
         "timings": timings,
         "table": json.loads(selection[keep].to_json(orient="records")),
         "best": str(selection.loc[selection["rsum_mean"].idxmax(), "pair_set"]),
@@ -369,6 +382,135 @@ def _asha(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
+def replay_asha(
+    trials: list[dict[str, Any]],
+    grace: int,
+    reduction_factor: int,
+    eval_every: int,
+    concurrency: int = 2,
+    startup_steps: int = 40,
+) -> dict[str, int]:
+    """Tune's own ASHA scheduler (``orchestrator.ablation.asha_scheduler``) fed the reports a
+    fifo run recorded (each trial's ``curve``: [step, rsum] per report), in the order a real
+    run would deliver them: trials start in ``trials``' order, ``concurrency`` at a time,
+    each paying ``startup_steps`` (Ray's start-up, in step-times) before its first step, a
+    report every ``eval_every`` steps. Returns {pair set: the step it stopped at}; a trial
+    that was not stopped ends at its last report. Exact where training does not depend on how
+    often it is evaluated (``asha_vs_grid``'s max_rsum_diff checks that on a real ASHA run)."""
+    import heapq
+    from types import SimpleNamespace
+
+    from orchestrator.ablation import asha_scheduler
+
+    reports = max(len(t["curve"]) for t in trials)
+    scheduler = asha_scheduler(reports, grace, reduction_factor)
+    scheduler.set_search_properties("rsum", "max")
+    stopped: dict[str, int] = {}
+    events: list[tuple[int, int, int]] = []  # (time in step-times, trial index, report index)
+    waiting = list(range(len(trials)))[::-1]
+
+    def start(now: int) -> None:
+        index = waiting.pop()
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=str(index)))
+        heapq.heappush(events, (now + startup_steps + eval_every, index, 0))
+
+    for _ in range(min(concurrency, len(waiting))):
+        start(0)
+    while events:
+        now, index, k = heapq.heappop(events)
+        step, rsum = trials[index]["curve"][k]
+        result = {"training_iteration": k + 1, "rsum": rsum}
+        decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=str(index)), result)
+        if decision == "STOP" or k + 1 == len(trials[index]["curve"]):
+            stopped[trials[index]["pair_set"]] = step
+            if waiting:
+                start(now)
+        else:
+            heapq.heappush(events, (now + eval_every, index, k + 1))
+    return stopped
+
+
+def asha_replay_rows(
+    grid: dict[str, Any], graces: list[int], factors: list[int], **timing: int
+) -> list[dict[str, Any]]:
+    """One row per (seed, grace, reduction factor): ``replay_asha`` on that seed's trials of a
+    fifo grid that reported every ``eval_every`` steps, judged as ``asha_vs_grid`` judges a
+    real ASHA run against the grid's final rsums."""
+    eval_every = grid["args"]["eval_every"]
+    rows = []
+    for seed in sorted({t["seed"] for t in grid["trials"]}):
+        trials = sorted(
+            (t for t in grid["trials"] if t["seed"] == seed), key=lambda t: t["trial_id"]
+        )
+        for grace in graces:
+            for factor in factors:
+                stops = replay_asha(trials, grace, factor, eval_every, **timing)
+                replayed = {"grace_period": grace, "trials": [
+                    {"pair_set": t["pair_set"], "seed": seed, "step": stops[t["pair_set"]],
+                     "rsum": dict(map(tuple, t["curve"]))[stops[t["pair_set"]]]}
+                    for t in trials
+                ]}  # fmt: skip
+                [row] = asha_vs_grid(grid, replayed)
+                rows.append({**row, "reduction_factor": factor})
+    return rows
+
+
+def report_ranks(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per report step, over the seeds of a fifo grid: Kendall's tau between the cells' rsum
+    at that step and at the end, and where the final top-1 cell ranks at that step
+    (1 = top). How much an early rung can know of the end."""
+    rows = []
+    for seed in sorted({t["seed"] for t in grid["trials"]}):
+        trials = [t for t in grid["trials"] if t["seed"] == seed]
+        final = [t["curve"][-1][1] for t in trials]
+        top = max(range(len(trials)), key=final.__getitem__)
+        for k, (step, _) in enumerate(trials[top]["curve"]):
+            at = [t["curve"][k][1] for t in trials]
+            rank = 1 + sum(value > at[top] for value in at)
+            rows.append({"seed": seed, "step": step, "tau": kendall_tau(at, final),
+                         "top_rank": rank, "cells": len(trials)})  # fmt: skip
+    return rows
+
+
+def _asha_replay(args: argparse.Namespace) -> None:
+    grid = _load(args.grid)
+    if any(not t.get("curve") for t in grid["trials"]):
+        raise SystemExit(f"{args.grid}: trials without 'curve' (run it at this code, fifo)")
+    print(
+        "How early the end shows (each seed's cells at a report against the same cells at the "
+        "end):\n\n| step | Kendall tau with the end, per seed | the final top-1's rank then, "
+        "per seed |\n|---:|---|---|"
+    )
+    ranks = report_ranks(grid)
+    for step in sorted({r["step"] for r in ranks}):
+        at = [r for r in ranks if r["step"] == step]
+        taus = ", ".join(f"{r['tau']:.2f}" for r in at)
+        tops = ", ".join(f"{r['top_rank']}/{r['cells']}" for r in at)
+        print(f"| {step} | {taus} | {tops} |")
+    graces = list(range(1, max(len(t["curve"]) for t in grid["trials"]) + 1))
+    timing = {"concurrency": args.concurrency, "startup_steps": args.startup_steps}
+    rows = asha_replay_rows(grid, graces, args.reduction_factors, **timing)
+    print(
+        "\nASHA replayed (Tune's scheduler, the grid's own reports), by grace period (reports) "
+        "and reduction factor:\n\n| grace | rf | trial-steps, share of the grid's, per seed "
+        "| same top-1 | ASHA's pick: grid rank (rsum gap), per seed |\n|---:|---:|---|---:|---|"
+    )
+    for grace in graces:
+        for factor in args.reduction_factors:
+            at = [r for r in rows if (r["grace_period"], r["reduction_factor"]) == (grace, factor)]
+            shares = ", ".join(f"{100 * r['share']:.0f}%" for r in at)
+            picks = ", ".join(
+                f"{r['asha_top_grid_rank']} ({0.0 - r['gap'] + 0.0:+.2f})"
+                if r["asha_top"]
+                else "none"
+                for r in at
+            )
+            same = sum(r["same_top"] for r in at)
+            print(f"| {grace} | {factor} | {shares} | {same} of {len(at)} | {picks} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"ranks": ranks, "replays": rows}, indent=2))
+
+
 def kendall_tau(a: list[float], b: list[float]) -> float:
     """Kendall's tau-b of two score lists over the same items (ties count as neither)."""
     from scipy.stats import kendalltau
@@ -450,6 +592,8 @@ def main() -> None:
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--grace-period", type=int, default=None,
                      help="reports before ASHA may stop a trial (default: conaclip's)")  # fmt: skip
+    run.add_argument("--reduction-factor", type=int, default=None,
+                     help="ASHA's reduction factor (default: conaclip's, 2)")  # fmt: skip
     run.add_argument(
         "--fresh-cache",
         action="store_true",
@@ -470,6 +614,17 @@ def main() -> None:
     asha.add_argument("--eval-every", type=int, default=30, help="the ASHA runs' (steps)")
     asha.add_argument("--out", default="runs/bench/ablation/asha_vs_grid.json")
     asha.set_defaults(handler=_asha)
+    replay = sub.add_parser(
+        "asha-replay", help="ASHA replayed on a fifo grid's reports, every grace and factor"
+    )
+    replay.add_argument("grid", help="a fifo run's JSON at this code (trials carry 'curve')")
+    replay.add_argument("--reduction-factors", type=int, nargs="+", default=[2, 3, 4])
+    replay.add_argument("--concurrency", type=int, default=2, help="trials at once")
+    replay.add_argument(
+        "--startup-steps", type=int, default=40, help="Ray's start-up per trial in step-times"
+    )
+    replay.add_argument("--out", default="runs/bench/ablation/asha_replay.json")
+    replay.set_defaults(handler=_asha_replay)
     stability = sub.add_parser("stability", help="one grid over several seeds: ranking spread")
     stability.add_argument("runs", nargs="+")
     stability.add_argument("--out", default="runs/bench/ablation/stability.json")

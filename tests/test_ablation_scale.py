@@ -72,3 +72,52 @@ def test_halving_step_share_by_hand(benchmark_script):
     assert abs(bench.halving_step_share(5, 3) - 0.8) < 1e-12
     # a rung at the last report stops nothing after it: everyone runs all 5.
     assert bench.halving_step_share(5, 5) == 1.0
+
+
+def _curved(pair_set: str, rsums: list[float], index: int) -> dict:
+    curve = [[10 * (k + 1), r] for k, r in enumerate(rsums)]
+    return {"trial_id": f"x_{index:05d}", "pair_set": pair_set, "seed": 0,
+            "step": curve[-1][0], "rsum": curve[-1][1], "curve": curve}  # fmt: skip
+
+
+# Four trials, three reports each (every 10 steps), in launch order; final rsums a 30, b 40,
+# c 50, d 35.
+CURVES = [("a", [10, 20, 30]), ("b", [5, 25, 40]), ("c", [15, 18, 50]), ("d", [12, 30, 35])]
+
+
+def test_replay_asha_feeds_tunes_scheduler_in_launch_order(benchmark_script):
+    bench = benchmark_script("ablation_scale")
+    trials = [_curved(name, rsums, i) for i, (name, rsums) in enumerate(CURVES)]
+    # max_t 3, grace 1, reduction 2: rungs at reports 1 and 2, each against the median of
+    # what reached the rung before. One at a time: a passes both (nothing recorded yet);
+    # b at report 1: 5 < 10, stopped at step 10; c at report 1: 15 >= median(10, 5) = 7.5,
+    # at report 2: 18 < 20, stopped at step 20; d: 12 >= median(10, 5, 15) = 10, then
+    # 30 >= median(20, 18) = 19, runs to the end.
+    stops = bench.replay_asha(trials, 1, 2, eval_every=10, concurrency=1, startup_steps=0)
+    assert stops == {"a": 30, "b": 10, "c": 20, "d": 30}
+    # Two at a time the reports arrive in another order, with the same decisions here.
+    assert bench.replay_asha(trials, 1, 2, eval_every=10, concurrency=2) == stops
+    # Grace 2: one rung, at report 2: a 20 on; b 25 >= 20 on; c 18 < median(20, 25) stops;
+    # d 30 >= median(20, 25, 18) = 20 on.
+    assert bench.replay_asha(trials, 2, 2, eval_every=10, concurrency=1) == {
+        "a": 30, "b": 30, "c": 20, "d": 30}  # fmt: skip
+
+    grid = {"args": {"eval_every": 10}, "trials": trials}
+    [row] = bench.asha_replay_rows(grid, [1], [2], concurrency=1, startup_steps=0)
+    # 30 + 10 + 20 + 30 = 90 of 120 trial-steps; ASHA's pick d (35) is the grid's 3rd, 15 rsum
+    # behind its top c (50), which ASHA stopped at step 20.
+    assert (row["asha_steps"], row["grid_steps"], row["share"]) == (90, 120, 0.75)
+    assert (row["asha_top"], row["grid_top"], row["asha_top_grid_rank"]) == ("d", "c", 3)
+    assert (row["gap"], row["grid_top_stopped_at"], row["reduction_factor"]) == (15, 20, 2)
+    assert row["max_rsum_diff"] == 0
+
+
+def test_report_ranks_by_hand(benchmark_script):
+    bench = benchmark_script("ablation_scale")
+    grid = {"trials": [_curved(name, rsums, i) for i, (name, rsums) in enumerate(CURVES)]}
+    rows = bench.report_ranks(grid)
+    # Final top-1 is c. At step 10 (10, 5, 15, 12) vs the end (30, 40, 50, 35): pairs ab and
+    # bd discordant, 4 of 6 concordant, tau 1/3, c first; at step 20 (20, 25, 18, 30): 2
+    # concordant (ab, ad), tau -1/3, c last of 4; at the end tau 1.
+    assert [(r["step"], r["top_rank"]) for r in rows] == [(10, 1), (20, 4), (30, 1)]
+    assert [round(r["tau"], 6) for r in rows] == [round(1 / 3, 6), round(-1 / 3, 6), 1.0]
