@@ -32,7 +32,7 @@ from orchestrator.ablation_spec import resolve_spec as resolve_spec
 from orchestrator.race import FAILED, FINISHED, INTERRUPTED, check_ledger, finished_trials
 from orchestrator.run_params import trial_params
 from orchestrator.scoped_env import scoped_env
-from orchestrator.trial import distill_trial
+from orchestrator.trial import ScalingSpec, distill_trial
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
@@ -45,6 +45,20 @@ def _pair_set_of(config: dict[str, Any]) -> str:
 
 def _seed_of(config: dict[str, Any]) -> int:
     return int(config["trial"].rsplit("/", 1)[1])
+
+
+def trial_scaling(spec: AblationSpec) -> ScalingSpec:
+    """What each trial's Train run gets: ``spec.scaling``, except that under ASHA a Train run
+    never restarts its worker group. When ASHA stops a trial, Tune ends the trial actor, and
+    the Train controller and worker it owns die in no fixed order. A controller that outlives
+    its worker by a moment takes the worker's end for a failure and starts a new group; Ray
+    registers that group's placement group after its creator is gone and never frees it while
+    the ablation runs (seen here: two such groups held both CPUs, and every later trial failed
+    after ``start_timeout_s``). With no restarts the controller just ends. A trial that fails
+    for real under ASHA is retried by ``conaclip ablate --resume``."""
+    if spec.scheduler == "asha":
+        return spec.scaling.model_copy(update={"max_failures": 0})
+    return spec.scaling
 
 
 def param_space(spec: AblationSpec) -> dict[str, Any]:
@@ -72,7 +86,7 @@ def param_space(spec: AblationSpec) -> dict[str, Any]:
         # JSON, as the rest of a trial's config: Tune stores it and the trial validates it.
         "pair_sets": spec.model_dump(mode="json", include={"pair_sets"})["pair_sets"],
         "run": run,
-        "scaling": spec.scaling.model_dump(mode="json"),
+        "scaling": trial_scaling(spec).model_dump(mode="json"),
         "train_storage": str(spec.train_storage),
     }
 
@@ -221,7 +235,8 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
     tags = {"conaclip.preset": spec.preset, "conaclip.ablation_id": spec.experiment_name}
     # Each trial's params are its run's whole config (run_params), so its setting is on record.
     params_of = {
-        name: trial_params(spec.run, spec.scaling, spec.pair_set(name)) for name in spec.pair_sets
+        name: trial_params(spec.run, trial_scaling(spec), spec.pair_set(name))
+        for name in spec.pair_sets
     }
     if spec.round is not None:
         tags["conaclip.round"] = str(spec.round)

@@ -240,6 +240,37 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     assert report["student"]["params_total"] < report["teacher"]["params_total"]
 
 
+@pytest.mark.integration
+def test_asha_stops_trials_and_frees_their_cpus(tiny_shapes, tiny_teacher, local_ray, tmp_path):
+    out = tmp_path / "asha"
+    flags = data_flags(tiny_shapes, tiny_teacher, tmp_path / "home")
+    # 3 pair sets x 2 seeds, a report every 2 of 8 steps; the first rung at report 1 and a
+    # reduction of 2 stop about half of the trials there, while others still run.
+    code = main(["ablate", "--preset", "smoke", "--seeds", "2", "--steps", "8",
+                 "--eval-every", "2", "--scheduler", "asha", "--grace-period", "1",
+                 "--out", str(out), "--name", "asha-e2e", *flags])  # fmt: skip
+    assert code == 0
+    runs = finished_runs(f"sqlite:///{out}/mlruns.db", "asha-e2e")
+    assert len(runs) == 6
+    # A stopped trial is a finished one that ended early, never a failed one.
+    assert set(runs["tags.conaclip.status"]) == {"FINISHED"}
+    assert (runs["metrics.step"] < 8).any() and (runs["metrics.step"] == 8).any()
+    assert set(runs["params.max_failures"]) == {"0"}
+
+    @local_ray.remote(num_cpus=0)
+    def live_placement_groups() -> list[str]:
+        from ray.util import placement_group_table
+
+        return [pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"]
+
+    # Every trial's placement group is gone once the ablation is over: a stopped trial left
+    # none holding CPUs that the next ablation on this cluster would wait for.
+    deadline = time.monotonic() + 30
+    while (left := local_ray.get(live_placement_groups.remote())) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == []
+
+
 def _signal_after_one_trial(tiny_shapes, tiny_teacher, tmp_path, name: str, sig: int):
     """Run the smoke ablation ``name`` as a driver process (12 steps, one trial at a time),
     send it ``sig`` once MLflow has one FINISHED run, and wait for it to end. Returns (its exit

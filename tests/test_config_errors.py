@@ -173,6 +173,17 @@ def test_grace_period_errors(argv, expected):
         _spec(["--preset", "demo", *argv])
 
 
+def test_asha_trials_never_restart_their_worker_group():
+    from orchestrator.ablation import param_space
+
+    # Under ASHA a stopped trial's controller could restart its worker group as it dies and
+    # leave a placement group behind (trial_scaling); fifo keeps the restart from checkpoints.
+    assert param_space(_spec(["--preset", "demo"]))["scaling"]["max_failures"] == 1
+    asha = _spec(["--preset", "demo", "--scheduler", "asha"])
+    assert asha.scaling.max_failures == 1
+    assert param_space(asha)["scaling"]["max_failures"] == 0
+
+
 def test_reduction_factor_reaches_the_spec():
     assert _spec(["--preset", "demo", "--scheduler", "asha"]).reduction_factor == 2
     given = _spec(["--preset", "demo", "--scheduler", "asha", "--reduction-factor", "4"])
