@@ -382,7 +382,7 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         "--grace-period",
         type=int,
         help="--scheduler asha: reports every trial gets before ASHA may stop it (default: "
-        "the first report after warm-up and the auto-weight measurement)",
+        "the first report after warm-up, the auto-weight measurement and a third of --steps)",
     )
     group.add_argument(
         "--reduction-factor",
