@@ -176,10 +176,9 @@ def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, 
 
 
 # ASHA's first rung comes no earlier than this share of a trial's steps. On the built-in grid
-# (single_additions, 150 steps, seeds 0-2) the cells' order 5 steps after the auto weights
-# were set (step 30, a fifth) was barely the final one (Kendall tau 0.16-0.57, the final top
-# cell 2nd to 11th of 20), and a rung there lost one seed's top cell; from step 60 on,
-# ASHA kept every seed's top cell (README, "Ablation at scale").
+# (single_additions, 150 steps, seeds 0-2) one seed's final top cell ranked 11th and 12th of
+# 20 at steps 30 and 45, and every rung there that stopped half the cells lost it; from step
+# 60 on ASHA kept every seed's top cell (README, "Ablation at scale").
 ASHA_FIRST_RUNG_SHARE = 1 / 3
 
 
