@@ -10,10 +10,10 @@ comparisons built from several such runs.
     python benchmarks/ablation_scale.py run --seeds 1 --out runs/bench/ablation/grid-s1.json
     python benchmarks/ablation_scale.py run --preset demo --nodes 1 --out .../nodes1.json
     python benchmarks/ablation_scale.py run --preset demo --nodes 2 --out .../nodes2.json
-    # tables
-    python benchmarks/ablation_scale.py asha runs/bench/ablation/grid-s0.json .../asha-s0.json
-    # ASHA seed by seed, each against the same seed of one grid (--grace-period: reports)
-    python benchmarks/ablation_scale.py asha .../grid-s012-e150.json .../asha-s0-g2.json ...
+    # tables: ASHA runs seed by seed against the same seeds of one fifo grid that reported as
+    # often; ASHA replayed on that grid's reports for every grace period and reduction factor
+    python benchmarks/ablation_scale.py asha .../grid-s012-e30.json .../asha-s2-default.json ...
+    python benchmarks/ablation_scale.py asha-replay .../grid-s012-e30.json
     python benchmarks/ablation_scale.py stability .../grid-s0.json .../grid-s1.json .../grid-s2.json
     python benchmarks/ablation_scale.py scaling .../grid-s0.json .../nodes1.json .../nodes2.json
 
