@@ -24,10 +24,11 @@ one Markdown table row on stdout.
 
 The report also gives the fewest trials any race could spend (``fewest_trials``): whatever its
 rules, a race that starts every cell at K0 seeds and ends with the grid's better and worse
-sets must run each of those cells up to a seed count at which its paired tests already pass
-unadjusted (a multiple-comparison adjustment never lowers a p-value), and the baseline as far
-as the furthest of them. When that floor is above a share, no race rule reaches the share on
-this grid without changing the verdict's tests.
+sets must run each of those cells up to a seed count at which its seed test passes at the
+least strict level the table's correction can give a cell in a verdict that size (Holm over m
+cells with at most R significant: ``0.05 / (m - R + 1)``), and the baseline as far as the
+furthest of them. When that floor is above a share, no race rule reaches the share on this
+grid without changing the verdict's tests.
 """
 
 from __future__ import annotations
@@ -109,16 +110,32 @@ def full_grid_verdict(
     return race.verdict_of(table, cells, metric)
 
 
-def _passes_unadjusted(row: dict[str, Any], verdict: str, alpha: float) -> bool:
-    """Whether a table row would have ``verdict`` with its raw (unadjusted) p-values: both
-    paired tests below ``alpha``, at least two paired seeds, the gain's sign (the rule of
-    ``orchestrator.table``, with p_seed / p_boot in place of their adjusted columns)."""
+def _passes(row: dict[str, Any], verdict: str, seed_level: float, boot_level: float) -> bool:
+    """Whether a table row could have ``verdict`` in a race's last table: its raw seed p below
+    ``seed_level``, its raw bootstrap p below ``boot_level``, at least two paired seeds and the
+    gain's sign (the rule of ``orchestrator.table``, with raw p-values against levels that no
+    adjusted p can beat)."""
     gain_n = row.get("gain_n")
     if gain_n is None or pd.isna(gain_n) or gain_n < 2:
         return False
-    if not (row["p_seed"] < alpha and row["p_boot"] < alpha):
+    if not (row["p_seed"] < seed_level and row["p_boot"] < boot_level):
         return False
     return row["gain_mean"] > 0 if verdict == race_rules.BETTER else row["gain_mean"] < 0
+
+
+def seed_level(correction: str, alpha: float, members: int, rejected: int) -> float:
+    """The largest raw seed p a cell can have and still be significant after ``correction``
+    in a family of ``members`` p-values of which at most ``rejected`` are significant.
+
+    Holm rejects a prefix of the ascending p-values and needs ``p_(j) < alpha / (m - j + 1)``
+    at every step j of it, so a rejected cell, at most at step ``rejected``, needs
+    ``p < alpha / (m - rejected + 1)``. Benjamini-Hochberg rejects every ``p <= p_(k)`` where
+    ``p_(k) < alpha k / m``, so a rejected cell needs ``p < alpha rejected / m``."""
+    if not 0 < rejected <= members:
+        raise ValueError(f"rejected {rejected} of {members}: expected 1..{members}")
+    if correction == "bh":
+        return alpha * rejected / members
+    return alpha / (members - rejected + 1)
 
 
 def fewest_trials(
@@ -132,34 +149,56 @@ def fewest_trials(
     ranks,
     first: int = 0,
 ) -> dict[str, Any]:
-    """A floor under the trials of any race from ``start_seeds`` seeds that ends with ``grid``'s
-    better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the full grid}``.
+    """A floor under the trials of any race from ``start_seeds`` (>= 2) seeds that ends with
+    ``grid``'s better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the
+    full grid, "seed_level": the raw seed p a decided cell needs}``.
 
-    A cell of either set needs the first seed count n >= max(2, ``start_seeds``) at which its
-    row in the table of every cell at n seeds (seeds first..first+n-1, as a race adds them) passes
-    unadjusted; the baseline needs the largest of those n (the gains pair each seed with its
-    baseline run); every other cell needs ``start_seeds`` (round 1 runs them all). The level is
-    the table's own (its ``alpha``). The winner part is left out: it can only add trials, so the
-    floor stays a floor."""
+    A race's verdict comes from one last table in which every cell has its own seeds (from
+    seed ``first``, as a race adds them), so every cell has a seed p and the seed family has
+    one member per cell. In it the grid's D decided cells must be significant after the
+    table's correction, and so can be only the D decided cells plus the open cells whose
+    bootstrap test might fail (they may pass the seed test and stay open): an open cell whose
+    raw bootstrap p is below ``alpha / m`` at every seed count passes it whatever the
+    correction. With at most R such rejections a decided cell's raw seed p must be below
+    ``seed_level`` (Holm: ``alpha / (m - R + 1)``). A decided cell therefore needs the first
+    seed count n >= ``start_seeds`` at which its row, in the table of every cell at n seeds,
+    has a seed p below that level, a bootstrap p below ``alpha`` (no correction lowers a p)
+    and its verdict's sign; the baseline needs the largest of those n (the gains pair each
+    seed with its baseline run); every other cell needs ``start_seeds`` (round 1 runs them
+    all). The winner part is left out: it can only add trials, so the floor stays a floor."""
     decided = {c: race_rules.BETTER for c in grid.better}
     decided.update({c: race_rules.WORSE for c in grid.worse})
-    need: dict[str, int] = {}
-    for n in range(max(2, start_seeds), max_seeds + 1):
-        if len(need) == len(decided):
-            break
+    start = max(2, start_seeds)
+    rows_at: dict[int, dict[str, dict[str, Any]]] = {}
+    alpha, correction = 0.05, "holm"
+    for n in range(start, max_seeds + 1):
         visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)}, first)
         table = race.race_table(visible, metric, ranks(visible) if ranks else None)
-        rows = {str(row["pair_set"]): row for row in table.to_dict("records")}
-        alpha = float(table.attrs.get("alpha", 0.05))
+        rows_at[n] = {str(row["pair_set"]): row for row in table.to_dict("records")}
+        alpha = float(table.attrs.get("alpha", alpha))
+        correction = str(table.attrs.get("correction", correction))
+    members = len(cells)
+    sure_boot = alpha / members
+
+    def may_fail_boot(cell: str) -> bool:
+        return any(not rows_at[n][cell]["p_boot"] < sure_boot for n in rows_at)
+
+    unsure = [c for c in cells if c not in decided and may_fail_boot(c)]
+    level = (seed_level(correction, alpha, members, min(members, len(decided) + len(unsure)))
+             if decided else alpha)  # fmt: skip
+    need: dict[str, int] = {}
+    for n, rows in rows_at.items():
         for cell, verdict in decided.items():
-            if cell not in need and _passes_unadjusted(rows[cell], verdict, alpha):
+            if cell not in need and _passes(rows[cell], verdict, level, alpha):
                 need[cell] = n
-    # A decided cell passes adjusted at max_seeds, hence unadjusted: the default is not reached.
+    # A decided cell passes at max_seeds in the grid's own table (the same seeds), where its
+    # adjusted p is below alpha, so it is reached; max_seeds is only a guard.
     seeds = {cell: max(start_seeds, need.get(cell, max_seeds)) if cell in decided else start_seeds
              for cell in cells}  # fmt: skip
     seeds = {baseline: max([start_seeds, *(seeds[c] for c in decided)]), **seeds}
     trials = sum(seeds.values())
-    return {"seeds": seeds, "trials": trials, "share": trials / ((len(cells) + 1) * max_seeds)}
+    return {"seeds": seeds, "trials": trials, "share": trials / ((len(cells) + 1) * max_seeds),
+            "seed_level": level}  # fmt: skip
 
 
 def replay(

@@ -1,6 +1,7 @@
 """Shared fixtures. Importing trainers first makes torchvision importable on CPU torch."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ def benchmark_script():
         if name not in loaded:
             spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
+            # Registered first, as an import would: dataclasses look their module up by name.
+            sys.modules[name] = module
             spec.loader.exec_module(module)
             loaded[name] = module
         return loaded[name]

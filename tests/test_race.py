@@ -716,12 +716,11 @@ def test_race_end_to_end_then_resume_launches_nothing(
     assert list(rerun["tags.conaclip.round"]) == ["1"]
 
 
-def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted(benchmark_script):
+def ranked_grid(xs: dict[str, list[int]]):
+    """(runs, ranks_of) of a grid whose run (name, seed) has t2i = i2t recalls (x, x+10, x+20)
+    for x = ``xs[name][seed]``: rsum 6x + 60, with eval ranks that give exactly it."""
     from test_table import ranks_for
 
-    replay = benchmark_script("race_replay")
-    # Each run has t2i = i2t recalls (x, x+10, x+20): rsum 6x + 60, ranks that give exactly it.
-    xs = {"base": [20, 20, 20], "a": [25, 27, 26], "b": [10, 10, 10], "c": [22, 18, 21]}
     runs = grid_runs({name: [6 * x + 60 for x in series] for name, series in xs.items()})
     ranks = {f"{name}-{seed}": ranks_for(x, x) for name, series in xs.items()
              for seed, x in enumerate(series)}  # fmt: skip
@@ -729,15 +728,26 @@ def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted(bench
     def ranks_of(visible):
         return {run_id: ranks[run_id] for run_id in visible["run_id"]}
 
+    return runs, ranks_of
+
+
+FEWEST_XS = {"base": [20, 20, 20], "a": [25, 27, 26], "b": [10, 10, 10], "c": [22, 18, 21]}
+
+
+def test_fewest_trials_counts_the_seeds_each_decided_cell_needs(benchmark_script):
+    replay = benchmark_script("race_replay")
+    runs, ranks_of = ranked_grid(FEWEST_XS)
     # a's gains 30, 42, 36: at 2 seeds t = 36 / (8.485 / sqrt 2) = 6.0, 1 df, p 0.105; at 3
     # seeds t = 36 / (6 / sqrt 3) = 10.39, 2 df, p 0.0091 (Holm x2 = 0.018): better at 3.
-    # b's gains -60 at every seed (no spread): p 0 from 2 seeds on, worse. c's 12, -12, 6: open.
+    # b's gains -60 at every seed (no spread): p 0 from 2 seeds on, worse. c's 12, -12, 6: open,
+    # and at 2 seeds (gain 0) its bootstrap fails, so all three could pass the seed test: the
+    # level is Holm's last step, 0.05.
     grid = replay.full_grid_verdict(runs, "base", ["a", "b", "c"], 3, "rsum", ranks_of)
     assert (grid.better, grid.worse) == (("a",), ("b",))
     floor = replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 2, 3, "rsum", ranks_of)
     # The baseline runs as far as a (3), b stops at 2, c is only in round 1 (2): 10 of 12.
     assert floor["seeds"] == {"base": 3, "a": 3, "b": 2, "c": 2}
-    assert (floor["trials"], floor["share"]) == (10, 10 / 12)
+    assert (floor["trials"], floor["share"], floor["seed_level"]) == (10, 10 / 12, 0.05)
     # Started at 3 seeds every cell has 3: the whole grid.
     assert replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 3, 3, "rsum",
                                 ranks_of)["trials"] == 12  # fmt: skip
@@ -747,3 +757,43 @@ def test_fewest_trials_counts_the_seeds_each_decided_cell_needs_unadjusted(bench
     report = replay.replay(runs, 2, 3, "rsum", ranks_of, say=lambda _: None)
     assert report["trials"] == 10 and report["fewest_trials"] == floor
     assert report["same"] == {"winner": False, "better": True, "worse": True}
+
+
+def test_seed_level_is_the_least_strict_raw_p_a_significant_cell_can_have(benchmark_script):
+    replay = benchmark_script("race_replay")
+    # Holm over 19 cells with at most 10 significant: the 10th step needs p < 0.05 / 10.
+    assert replay.seed_level("holm", 0.05, 19, 10) == pytest.approx(0.005)
+    assert replay.seed_level("holm", 0.05, 19, 19) == pytest.approx(0.05)  # the last step
+    assert replay.seed_level("holm", 0.05, 19, 1) == pytest.approx(0.05 / 19)
+    # Benjamini-Hochberg with 10 of 19 significant: p <= p_(10) < 0.05 * 10 / 19.
+    assert replay.seed_level("bh", 0.05, 19, 10) == pytest.approx(0.05 * 10 / 19)
+    with pytest.raises(ValueError):
+        replay.seed_level("holm", 0.05, 19, 0)
+
+
+def test_fewest_trials_holds_a_decided_cell_to_holms_level_not_the_raw_one(benchmark_script):
+    replay = benchmark_script("race_replay")
+    # a's gains 30, 42, 24, 36 (x 25, 27, 24, 26): at 3 seeds t = 32 / (9.165 / sqrt 3) = 6.047
+    # on 2 df, p = 1 - t / sqrt(t^2 + 2) = 0.0263: below 0.05 but not below Holm's level. b is
+    # -60 at every seed (p 0). c swings +84, -36, +90, -42: open on seeds, but its bootstrap
+    # over eval queries passes at every count, so it cannot be a third significant cell: at
+    # most 2 of 3 are, and a cell needs p < 0.05 / (3 - 2 + 1) = 0.025.
+    xs = {"base": [20] * 4, "a": [25, 27, 24, 26], "b": [10] * 4, "c": [34, 14, 35, 13]}
+    runs, ranks_of = ranked_grid(xs)
+
+    for n in (2, 3, 4):
+        visible = race.visible_runs(runs, {name: n for name in xs}, 0)
+        rows = {r["pair_set"]: r for r in race.race_table(visible, "rsum", ranks_of(visible))
+                .to_dict("records")}  # fmt: skip
+        assert rows["c"]["p_boot"] < 0.05 / 3 and not rows["c"]["p_seed"] < 0.05
+        if n == 3:
+            assert rows["a"]["p_seed"] == pytest.approx(1 - 6.047 / math.sqrt(6.047**2 + 2),
+                                                        abs=1e-4)  # fmt: skip
+    grid = replay.full_grid_verdict(runs, "base", ["a", "b", "c"], 4, "rsum", ranks_of)
+    assert (grid.better, grid.worse) == (("a",), ("b",))
+    floor = replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 2, 4, "rsum", ranks_of)
+    # Raw p alone would stop a at 3 seeds (11 of 16); Holm's level needs its 4th (t 8.52, p
+    # 0.0034), and the baseline's.
+    assert floor["seed_level"] == pytest.approx(0.025)
+    assert floor["seeds"] == {"base": 4, "a": 4, "b": 2, "c": 2}
+    assert (floor["trials"], floor["share"]) == (12, 12 / 16)
