@@ -149,23 +149,25 @@ def fewest_trials(
     ranks,
     first: int = 0,
 ) -> dict[str, Any]:
-    """A floor under the trials of any race from ``start_seeds`` (>= 2) seeds that ends with
+    """A floor under the trials of any race from ``start_seeds`` seeds that ends with
     ``grid``'s better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the
     full grid, "seed_level": the raw seed p a decided cell needs}``.
 
     A race's verdict comes from one last table in which every cell has its own seeds (from
-    seed ``first``, as a race adds them), so every cell has a seed p and the seed family has
-    one member per cell. In it the grid's D decided cells must be significant after the
-    table's correction, and so can be only the D decided cells plus the open cells whose
-    bootstrap test might fail (they may pass the seed test and stay open): an open cell whose
-    raw bootstrap p is below ``alpha / m`` at every seed count passes it whatever the
-    correction. With at most R such rejections a decided cell's raw seed p must be below
-    ``seed_level`` (Holm: ``alpha / (m - R + 1)``). A decided cell therefore needs the first
-    seed count n >= ``start_seeds`` at which its row, in the table of every cell at n seeds,
-    has a seed p below that level, a bootstrap p below ``alpha`` (no correction lowers a p)
-    and its verdict's sign; the baseline needs the largest of those n (the gains pair each
-    seed with its baseline run); every other cell needs ``start_seeds`` (round 1 runs them
-    all). The winner part is left out: it can only add trials, so the floor stays a floor."""
+    seed ``first``, as a race adds them). From ``start_seeds`` >= 2 every cell has a seed p,
+    so the seed family has one member per cell (m). In it the grid's D decided cells must be
+    significant after the table's correction, and so can be only the D decided cells plus
+    the open cells whose bootstrap test might fail (they may pass the seed test and stay
+    open): an open cell whose raw bootstrap p is below ``alpha / m`` at every seed count
+    passes it whatever the correction. With at most R such rejections a decided cell's raw
+    seed p must be below ``seed_level`` (Holm: ``alpha / (m - R + 1)``). From 1 seed a cell
+    dropped at once has no seed p, the family may shrink to the decided cells, and the level
+    is ``alpha``. A decided cell needs the first seed count n >= max(2, ``start_seeds``) at
+    which its row, in the table of every cell at n seeds, has a seed p below that level, a
+    bootstrap p below ``alpha`` (no correction lowers a p) and its verdict's sign; the
+    baseline needs the largest of those n (the gains pair each seed with its baseline run);
+    every other cell needs ``start_seeds`` (round 1 runs them all). The winner part is left
+    out: it can only add trials, so the floor stays a floor."""
     decided = {c: race_rules.BETTER for c in grid.better}
     decided.update({c: race_rules.WORSE for c in grid.worse})
     start = max(2, start_seeds)
@@ -184,8 +186,10 @@ def fewest_trials(
         return any(not rows_at[n][cell]["p_boot"] < sure_boot for n in rows_at)
 
     unsure = [c for c in cells if c not in decided and may_fail_boot(c)]
-    level = (seed_level(correction, alpha, members, min(members, len(decided) + len(unsure)))
-             if decided else alpha)  # fmt: skip
+    level = alpha
+    if decided and start_seeds >= 2:
+        rejected = min(members, len(decided) + len(unsure))
+        level = seed_level(correction, alpha, members, rejected)
     need: dict[str, int] = {}
     for n, rows in rows_at.items():
         for cell, verdict in decided.items():

@@ -797,3 +797,7 @@ def test_fewest_trials_holds_a_decided_cell_to_holms_level_not_the_raw_one(bench
     assert floor["seed_level"] == pytest.approx(0.025)
     assert floor["seeds"] == {"base": 4, "a": 4, "b": 2, "c": 2}
     assert (floor["trials"], floor["share"]) == (12, 12 / 16)
+    # From 1 seed a cell dropped at once leaves the seed family: the level falls back to 0.05.
+    from_one = replay.fewest_trials(runs, "base", ["a", "b", "c"], grid, 1, 4, "rsum", ranks_of)
+    assert from_one["seed_level"] == 0.05
+    assert from_one["seeds"] == {"base": 3, "a": 3, "b": 2, "c": 1}
