@@ -499,10 +499,9 @@ def _asha_replay(args: argparse.Namespace) -> None:
         for factor in args.reduction_factors:
             at = [r for r in rows if (r["grace_period"], r["reduction_factor"]) == (grace, factor)]
             shares = ", ".join(f"{100 * r['share']:.0f}%" for r in at)
+            # "+ 0.0" turns a gap of 0 into +0.00, not -0.00.
             picks = ", ".join(
-                f"{r['asha_top_grid_rank']} ({0.0 - r['gap'] + 0.0:+.2f})"
-                if r["asha_top"]
-                else "none"
+                f"{r['asha_top_grid_rank']} ({-r['gap'] + 0.0:+.2f})" if r["asha_top"] else "none"
                 for r in at
             )
             same = sum(r["same_top"] for r in at)

@@ -153,16 +153,17 @@ def draw_of(runs: pd.DataFrame, name: str, start_seeds: int, max_seeds: int, met
     baseline, cells, _ = race_replay.grid_cells(runs)
     first = race_replay.first_seed(runs)
     grid = race_replay.full_grid_verdict(runs, baseline, cells, max_seeds, metric, ranks, first)
+    tables = race_replay.tables_by_seeds(
+        runs, baseline, cells, range(start_seeds, max_seeds + 1), metric, ranks, first
+    )
     floor = race_replay.fewest_trials(
-        runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks, first
+        runs, baseline, cells, grid, start_seeds, max_seeds, metric, ranks, first, tables
     )
     evidence: dict[int, dict[str, Evidence]] = {}
     passes: dict[int, frozenset[str]] = {}
     for k in range(start_seeds, max_seeds):
-        visible = race.visible_runs(runs, {c: k for c in (baseline, *cells)}, first)
-        table = race.race_table(visible, metric, ranks(visible) if ranks else None)
-        rows = {str(r["pair_set"]): r for r in table.to_dict("records")}
-        alpha = float(table.attrs.get("alpha", 0.05))
+        rows = {str(r["pair_set"]): r for r in tables[k].to_dict("records")}
+        alpha = float(tables[k].attrs.get("alpha", 0.05))
         evidence[k] = {c: (float(rows[c]["gain_mean"]), float(rows[c]["p_seed"])) for c in cells}
         passes[k] = frozenset(
             c

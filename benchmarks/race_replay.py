@@ -138,6 +138,24 @@ def seed_level(correction: str, alpha: float, members: int, rejected: int) -> fl
     return alpha / (members - rejected + 1)
 
 
+def tables_by_seeds(
+    runs: pd.DataFrame,
+    baseline: str,
+    cells: list[str],
+    counts: range,
+    metric: str,
+    ranks,
+    first: int = 0,
+) -> dict[int, pd.DataFrame]:
+    """n -> the selection table of every cell (baseline included) at its first n seeds from
+    ``first``, as a race that gave every cell n seeds would see it, for each n in ``counts``."""
+    tables = {}
+    for n in counts:
+        visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)}, first)
+        tables[n] = race.race_table(visible, metric, ranks(visible) if ranks else None)
+    return tables
+
+
 def fewest_trials(
     runs: pd.DataFrame,
     baseline: str,
@@ -148,6 +166,7 @@ def fewest_trials(
     metric: str,
     ranks,
     first: int = 0,
+    tables: dict[int, pd.DataFrame] | None = None,
 ) -> dict[str, Any]:
     """A floor under the trials of any race from ``start_seeds`` seeds that ends with
     ``grid``'s better and worse sets: ``{"seeds": {cell: n}, "trials": sum, "share": of the
@@ -167,18 +186,17 @@ def fewest_trials(
     bootstrap p below ``alpha`` (no correction lowers a p) and its verdict's sign; the
     baseline needs the largest of those n (the gains pair each seed with its baseline run);
     every other cell needs ``start_seeds`` (round 1 runs them all). The winner part is left
-    out: it can only add trials, so the floor stays a floor."""
+    out: it can only add trials, so the floor stays a floor. ``tables``: ``tables_by_seeds``
+    over at least max(2, ``start_seeds``)..``max_seeds``, when the caller has it already."""
     decided = {c: race_rules.BETTER for c in grid.better}
     decided.update({c: race_rules.WORSE for c in grid.worse})
-    start = max(2, start_seeds)
-    rows_at: dict[int, dict[str, dict[str, Any]]] = {}
-    alpha, correction = 0.05, "holm"
-    for n in range(start, max_seeds + 1):
-        visible = race.visible_runs(runs, {name: n for name in (baseline, *cells)}, first)
-        table = race.race_table(visible, metric, ranks(visible) if ranks else None)
-        rows_at[n] = {str(row["pair_set"]): row for row in table.to_dict("records")}
-        alpha = float(table.attrs.get("alpha", alpha))
-        correction = str(table.attrs.get("correction", correction))
+    counts = range(max(2, start_seeds), max_seeds + 1)
+    if tables is None:
+        tables = tables_by_seeds(runs, baseline, cells, counts, metric, ranks, first)
+    rows_at = {n: {str(row["pair_set"]): row for row in tables[n].to_dict("records")}
+               for n in counts}  # fmt: skip
+    alpha = float(tables[counts[-1]].attrs.get("alpha", 0.05))
+    correction = str(tables[counts[-1]].attrs.get("correction", "holm"))
     members = len(cells)
     sure_boot = alpha / members
 

@@ -130,7 +130,7 @@ def _grace_period(args: argparse.Namespace) -> int | None:
 def _reduction_factor(args: argparse.Namespace) -> int:
     factor = getattr(args, "reduction_factor", None)
     if factor is None:
-        return 2
+        return AblationSpec.model_fields["reduction_factor"].default
     if args.scheduler != "asha":
         raise InputError("--reduction-factor: only with --scheduler asha (fifo stops no trial)")
     if factor < 2:

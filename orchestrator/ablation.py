@@ -182,12 +182,18 @@ def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, 
 ASHA_FIRST_RUNG_SHARE = 1 / 3
 
 
+def report_count(spec: AblationSpec) -> int:
+    """Reports (``training_iteration``s) a trial that runs to the end makes: one per
+    ``eval_every`` steps, the last at the final step."""
+    return max(1, math.ceil(spec.run.steps / spec.run.eval_every))
+
+
 def asha_grace_period(spec: AblationSpec) -> int:
     """Reports a trial gets before ASHA may stop it: ``spec.grace_period``, else the first
     report at or after both the end of warm-up and of the auto-weight measurement (before it
     every cell still trains the baseline's loss alone) and ``ASHA_FIRST_RUNG_SHARE`` of the
     steps; at most all reports."""
-    reports = max(1, math.ceil(spec.run.steps / spec.run.eval_every))
+    reports = report_count(spec)
     if spec.grace_period is not None:
         return min(spec.grace_period, reports)
     settled = spec.run.balance_step + spec.run.balance_window
@@ -250,8 +256,9 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
     )
     scheduler = None
     if spec.scheduler == "asha":
-        reports = max(1, math.ceil(spec.run.steps / spec.run.eval_every))
-        scheduler = asha_scheduler(reports, asha_grace_period(spec), spec.reduction_factor)
+        scheduler = asha_scheduler(
+            report_count(spec), asha_grace_period(spec), spec.reduction_factor
+        )
     concurrency = max_concurrent(spec)
     callbacks: list[Any] = [logger, *extra_callbacks]
     if not spec.tune_output:
