@@ -23,8 +23,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats as scipy_stats
 
+from trainers.recall import TIE_DEFAULTS, hit_table, recall_metrics
+
 KS = (1, 5, 10)
+# Arrays every eval-ranks file holds; the tie arrays (TIE_KEYS) came later, and a file without
+# them reads as ties 0 and own 1 (trainers.recall.with_tie_defaults).
 RANK_KEYS = ("t2i_rank", "i2t_rank", "text_to_image")
+TIE_KEYS = tuple(TIE_DEFAULTS)
 RANK_RECALLS = tuple(f"{d}_R{k}" for d in ("t2i", "i2t") for k in KS)
 # Metrics a bootstrap over eval queries can recompute from the ranks alone.
 RANK_METRICS = (*RANK_RECALLS, "rsum", "mean_recall")
@@ -188,13 +193,16 @@ def check_ranks(ranks: Ranks) -> str | None:
     """What is wrong with an ``eval_ranks`` mapping, None when it is usable.
 
     Expected: integer 1-D arrays ``t2i_rank`` (N_txt; per caption, the number of images that
-    score strictly higher than its own image, i.e. its 0-based rank), ``i2t_rank`` (N_img; per
-    image, the 0-based rank of its best own caption among all captions) and ``text_to_image``
-    (N_txt image ids in [0, N_img)), with every image owning at least one caption."""
+    score above its own image's tie band, i.e. its 0-based rank), ``i2t_rank`` (N_img; per
+    image, the captions of other images above the tie band of its best own caption) and
+    ``text_to_image`` (N_txt image ids in [0, N_img)), with every image owning at least one
+    caption; optionally ``t2i_ties`` (N_txt), ``i2t_ties`` (N_img, both >= 0) and ``i2t_own``
+    (N_img, from 1 to the image's caption count), see ``trainers.recall``."""
     missing = [k for k in RANK_KEYS if k not in ranks]
     if missing:
         return f"missing {', '.join(missing)}"
-    arrays = {k: np.asarray(ranks[k]) for k in RANK_KEYS}
+    keys = [*RANK_KEYS, *(k for k in TIE_KEYS if k in ranks)]
+    arrays = {k: np.asarray(ranks[k]) for k in keys}
     for key, array in arrays.items():
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             return f"{key}: expected a 1-D integer array, got {array.dtype} {array.shape}"
@@ -204,10 +212,19 @@ def check_ranks(ranks: Ranks) -> str | None:
         return f"text_to_image has {ids.size} ids for {n_txt} captions and {n_img} images"
     if ids.min() < 0 or ids.max() >= n_img:
         return f"text_to_image ids outside [0, {n_img})"
-    if np.bincount(ids, minlength=n_img).min() == 0:
+    captions = np.bincount(ids, minlength=n_img)
+    if captions.min() == 0:
         return "an image has no caption"
-    if arrays["t2i_rank"].min() < 0 or arrays["i2t_rank"].min() < 0:
-        return "negative rank"
+    sizes = {"t2i_ties": n_txt, "i2t_ties": n_img, "i2t_own": n_img}
+    for key, size in sizes.items():
+        if key in arrays and arrays[key].size != size:
+            return f"{key} has {arrays[key].size} entries for {n_txt} captions and {n_img} images"
+    lowest = {"t2i_rank": 0, "i2t_rank": 0, "t2i_ties": 0, "i2t_ties": 0, "i2t_own": 1}
+    for key, low in lowest.items():
+        if key in arrays and arrays[key].min() < low:
+            return f"{key}: expected values >= {low}, got {arrays[key].min()}"
+    if "i2t_own" in arrays and (arrays["i2t_own"] > captions).any():
+        return "i2t_own: more own captions at the best score than the image has"
     return None
 
 
@@ -221,16 +238,10 @@ def eval_set_id(ranks: Ranks) -> str:
 
 def recalls_from_ranks(ranks: Ranks, ks: Sequence[int] = KS) -> dict[str, float]:
     """``t2i_R{k}, i2t_R{k}`` (percent), ``rsum`` and ``mean_recall`` of one run's ranks:
-    ``t2i_R@K = 100 * mean(t2i_rank < K)``, ``i2t_R@K = 100 * mean(i2t_rank < K)``."""
-    metrics: dict[str, float] = {}
-    for direction in ("t2i", "i2t"):
-        rank = np.asarray(ranks[f"{direction}_rank"])
-        for k in ks:
-            metrics[f"{direction}_R{k}"] = 100.0 * float(np.mean(rank < k))
-    recalls = list(metrics.values())
-    metrics["rsum"] = float(sum(recalls))
-    metrics["mean_recall"] = metrics["rsum"] / len(recalls)
-    return metrics
+    ``R@K = 100 * mean expected hit`` over the captions (t2i) or images (i2t), each query's
+    ties ordered at random (``trainers.recall``; without tie arrays, ``100 * mean(rank < K)``).
+    """
+    return recall_metrics(ranks, ks)
 
 
 # ------------------------------------------------------------------------------ bootstrap
@@ -251,8 +262,10 @@ class QueryBootstrap:
     Using the same draw for every run makes run-to-run comparisons paired over queries: in
     resample b every run is scored on the same images. Resample b of a run's t2i recall uses
     all captions of the drawn images (an image drawn twice counts its captions twice); its
-    i2t recall uses the drawn images. Each run is reduced to a per-image table of hit counts
-    (N_img x (1 + 2 len(ks))), so a run costs one ``counts @ table`` product.
+    i2t recall uses the drawn images. Each run is reduced to a per-image table of expected
+    hits (N_img x (1 + 2 len(ks)): caption count, the sum of its captions' t2i hits, its i2t
+    hit; ``trainers.recall``), so a run costs one ``counts @ table`` product, and a resample
+    that draws every image once gives ``recalls_from_ranks`` of the whole set.
     """
 
     def __init__(self, indices: np.ndarray, ks: Sequence[int] = KS) -> None:
@@ -262,9 +275,9 @@ class QueryBootstrap:
             raise ValueError(f"bootstrap: indices must be B x N_img, got {indices.shape}")
         self.n_boot, self.n_images = indices.shape
         self.ks = tuple(ks)
-        # Multiplicity of every image in every resample. float32 is exact here: the counts and
-        # the sums of count x hits stay below 2^24 for any eval set this project scores.
-        counts = np.zeros(indices.shape, dtype=np.float32)
+        # Multiplicity of every image in every resample, float64 like the table: a tie's
+        # expected hit is a fraction, which float32 sums would round.
+        counts = np.zeros(indices.shape, dtype=np.float64)
         for b, row in enumerate(indices):
             counts[b] = np.bincount(row, minlength=self.n_images)
         self.counts = counts
@@ -277,14 +290,15 @@ class QueryBootstrap:
             problem = f"{np.asarray(ranks['i2t_rank']).size} images, the draw has {self.n_images}"
         if problem is not None:
             raise ValueError(f"eval ranks: {problem}")
-        t2i = np.asarray(ranks["t2i_rank"])
-        i2t = np.asarray(ranks["i2t_rank"])
         ids = np.asarray(ranks["text_to_image"])
-        columns = [np.bincount(ids, minlength=self.n_images)]
-        columns += [np.bincount(ids, weights=t2i < k, minlength=self.n_images) for k in self.ks]
-        columns += [(i2t < k).astype(float) for k in self.ks]
-        table = np.stack(columns, axis=1).astype(np.float32)
-        sums = (self.counts @ table).astype(np.float64)
+        hits = hit_table(ranks, self.ks)
+        columns = [np.bincount(ids, minlength=self.n_images).astype(np.float64)]
+        columns += [
+            np.bincount(ids, weights=hits[f"t2i_R{k}"], minlength=self.n_images) for k in self.ks
+        ]
+        columns += [hits[f"i2t_R{k}"] for k in self.ks]
+        table = np.stack(columns, axis=1)
+        sums = self.counts @ table
         captions = sums[:, 0]
         metrics: dict[str, np.ndarray] = {}
         for j, k in enumerate(self.ks):

@@ -15,13 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from orchestrator import tracking
 from orchestrator.cli import main
 from orchestrator.ray_cluster import descendant_pids, free_port
 from trainers.errors import InputError
-from trainers.evaluate import metrics_from_ranks
+from trainers.evaluate import QueryRanks, metrics_from_ranks
 from trainers.run_config import KD_TEMPERATURE
 
 
@@ -197,9 +196,7 @@ def test_smoke_preset_end_to_end(tiny_shapes, tiny_teacher, local_ray, tmp_path,
     # final recalls were computed from (the table's bootstrap reads them).
     for run in runs.to_dict("records"):
         ranks = tracking.read_eval_ranks(uri, run["run_id"])
-        again = metrics_from_ranks(
-            torch.from_numpy(ranks["t2i_rank"]), torch.from_numpy(ranks["i2t_rank"])
-        )
+        again = metrics_from_ranks(QueryRanks.from_arrays(ranks))
         assert again["rsum"] == pytest.approx(run["metrics.rsum"])
     # The fair-cell weight the sym_kl trial measured after warm-up is logged with it.
     sym = runs[runs["params.pair_set"] == "baseline+inter_ts:sym_kl"].iloc[0]

@@ -13,7 +13,7 @@ import torch
 
 from trainers.distill import CHECKPOINT_FILE, RANKS_FILE, train_loop_per_worker
 from trainers.errors import InputError
-from trainers.evaluate import metrics_from_ranks
+from trainers.evaluate import QueryRanks, metrics_from_ranks
 from trainers.optim import gradient_norm, gradient_share_weights, warmup_cosine
 from trainers.run_config import KD_TEMPERATURE, PairConfig, load_distill_config, parse_pairs
 
@@ -179,9 +179,7 @@ def test_each_eval_leaves_its_per_query_ranks(tiny_shapes, tiny_teacher, tmp_pat
         with np.load(f"{checkpoint_dir}/{RANKS_FILE}") as ranks:
             assert ranks["t2i_rank"].shape == ranks["text_to_image"].shape
             assert ranks["i2t_rank"].shape == (int(ranks["text_to_image"].max()) + 1,)
-            again = metrics_from_ranks(
-                torch.from_numpy(ranks["t2i_rank"]), torch.from_numpy(ranks["i2t_rank"])
-            )
+            again = metrics_from_ranks(QueryRanks.from_arrays(ranks))
         # The ranks are exactly what the reported recalls were computed from.
         for key in (*RECALL_KEYS, "rsum"):
             assert again[key] == pytest.approx(metrics[key]), key

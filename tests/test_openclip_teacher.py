@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms
 
 from orchestrator import tracking
-from trainers.evaluate import metrics_from_ranks
+from trainers.evaluate import QueryRanks, metrics_from_ranks
 from trainers.models import load_model
 from trainers.shards import expand_urls, iter_shard, write_shard
 from trainers.teacher_cache import read_manifest, teacher_fingerprint
@@ -118,9 +118,7 @@ def test_vit_b32_teacher_through_the_cache_into_the_xs_student(tiny_shapes, tmp_
     # The final recalls are exactly what the logged per-query ranks give.
     ranks = tracking.read_eval_ranks(uri, run["run_id"])
     assert ranks["i2t_rank"].shape == (60,)  # every eval image was ranked
-    recalls = metrics_from_ranks(
-        torch.from_numpy(ranks["t2i_rank"]), torch.from_numpy(ranks["i2t_rank"])
-    )
+    recalls = metrics_from_ranks(QueryRanks.from_arrays(ranks))
     for name, value in recalls.items():
         assert run[f"metrics.{name}"] == pytest.approx(value), name
     # The teacher-student KL pair ran with its full weight and gave a real loss.

@@ -4,6 +4,8 @@ cluster bootstrap against a direct loop over resamples, queries and captions."""
 
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -108,6 +110,14 @@ def ranks_of(t2i, i2t, text_to_image) -> dict[str, np.ndarray]:
 
 # 3 images; captions 0, 1 -> image 0; 2 -> image 1; 3, 4, 5 -> image 2
 SMALL = ranks_of([0, 6, 3, 0, 12, 1], [2, 0, 9], [0, 0, 1, 2, 2, 2])
+# The same ranks with ties (trainers.recall): a caption tied with t other images behind its
+# rank; an image's best own caption(s) (own of them) tied with t captions of other images.
+TIED = {
+    **SMALL,
+    "t2i_ties": np.array([1, 0, 3, 0, 0, 4]),
+    "i2t_ties": np.array([0, 5, 2]),
+    "i2t_own": np.array([2, 1, 2]),
+}
 
 
 def test_friedman_conover_by_hand():
@@ -160,6 +170,25 @@ def test_recalls_from_ranks_by_hand():
     assert got["mean_recall"] == pytest.approx(sum(expected.values()) / 6)
 
 
+def test_recalls_from_ranks_with_ties_by_hand():
+    got = stats.recalls_from_ranks(TIED)
+    # t2i, clip((K - rank) / (ties + 1), 0, 1) per caption at K = 1, 5, 10:
+    #   c0 rank 0 ties 1: 1/2, 1, 1     c1 rank 6: 0, 0, 1     c2 rank 3 ties 3: 0, 2/4, 1
+    #   c3 rank 0: 1, 1, 1              c4 rank 12: 0, 0, 0    c5 rank 1 ties 4: 0, 4/5, 1
+    # i2t, 1 - C(ties + own - j, own) / C(ties + own, own) with j = K - rank:
+    #   img0 rank 2 (no tie): 0, 1, 1   img1 rank 0 ties 5 own 1: 1/6, 5/6, 1
+    #   img2 rank 9 ties 2 own 2: 0, 0, 1 - C(3, 2) / C(4, 2) = 1/2
+    expected = {"t2i_R1": 100 * 1.5 / 6, "t2i_R5": 100 * 3.3 / 6, "t2i_R10": 100 * 5 / 6,
+                "i2t_R1": 100 / 18, "i2t_R5": 100 * 11 / 18, "i2t_R10": 100 * 2.5 / 3}  # fmt: skip
+    assert got == pytest.approx(
+        {**expected, "rsum": sum(expected.values()), "mean_recall": sum(expected.values()) / 6}
+    )
+    # Tie arrays of zeros (and own 1) are what a file without them means.
+    none = {**SMALL, "t2i_ties": np.zeros(6, int), "i2t_ties": np.zeros(3, int),
+            "i2t_own": np.ones(3, int)}  # fmt: skip
+    assert stats.recalls_from_ranks(none) == stats.recalls_from_ranks(SMALL)
+
+
 def test_check_ranks_names_the_problem():
     assert stats.check_ranks(SMALL) is None
     assert stats.check_ranks({"t2i_rank": SMALL["t2i_rank"]}) == "missing i2t_rank, text_to_image"
@@ -168,6 +197,19 @@ def test_check_ranks_names_the_problem():
     assert "outside [0, 3)" in stats.check_ranks({**SMALL, "text_to_image": np.arange(6)})
     no_caption = {**SMALL, "text_to_image": np.array([0, 0, 0, 2, 2, 2])}
     assert stats.check_ranks(no_caption) == "an image has no caption"
+    assert stats.check_ranks(TIED) is None
+    assert "i2t_ties has 2 entries" in stats.check_ranks({**TIED, "i2t_ties": np.array([0, 1])})
+    assert "t2i_ties: expected a 1-D integer" in stats.check_ranks(
+        {**TIED, "t2i_ties": np.zeros(6)}
+    )
+    assert stats.check_ranks({**TIED, "t2i_ties": -np.ones(6, int)}) == (
+        "t2i_ties: expected values >= 0, got -1"
+    )
+    assert "i2t_own: expected values >= 1" in stats.check_ranks(
+        {**TIED, "i2t_own": np.zeros(3, int)}
+    )
+    # Image 1 has one caption: two own captions at its best score cannot be.
+    assert "more own captions" in stats.check_ranks({**TIED, "i2t_own": np.array([1, 2, 1])})
     assert stats.eval_set_id(SMALL).startswith("3 images, 6 captions, id ")
     assert stats.eval_set_id(SMALL) != stats.eval_set_id(no_caption)
 
@@ -177,6 +219,16 @@ def test_bootstrap_indices_are_seeded_and_in_range():
     assert a.shape == (40, 5) and a.dtype == np.int64 and a.min() >= 0 and a.max() <= 4
     assert np.array_equal(a, stats.bootstrap_indices(5, 40, seed=3))
     assert not np.array_equal(a, stats.bootstrap_indices(5, 40, seed=4))
+
+
+def _hit(ranks, direction: str, query: int, k: int) -> float:
+    """A query's hit at k: 1 - (ways to fill the j = k - rank free tied places with items
+    that are not its own) / (ways to fill them), ties and own from ``ranks`` or 0 and 1."""
+    rank = int(ranks[f"{direction}_rank"][query])
+    ties = int(ranks[f"{direction}_ties"][query]) if f"{direction}_ties" in ranks else 0
+    own = int(ranks["i2t_own"][query]) if direction == "i2t" and "i2t_own" in ranks else 1
+    j = min(max(k - rank, 0), ties + own)
+    return 1 - comb(ties, j) / comb(ties + own, j)
 
 
 def _loop_recalls(ranks, indices, ks=(1, 5, 10)) -> dict[str, np.ndarray]:
@@ -189,11 +241,11 @@ def _loop_recalls(ranks, indices, ks=(1, 5, 10)) -> dict[str, np.ndarray]:
         captions = [c for image in row for c in captions_of[int(image)]]
         total = 0.0
         for k in ks:
-            value = 100.0 * sum(ranks["t2i_rank"][c] < k for c in captions) / len(captions)
+            value = 100.0 * sum(_hit(ranks, "t2i", c, k) for c in captions) / len(captions)
             out.setdefault(f"t2i_R{k}", []).append(value)
             total += value
         for k in ks:
-            value = 100.0 * sum(ranks["i2t_rank"][i] < k for i in row) / len(row)
+            value = 100.0 * sum(_hit(ranks, "i2t", int(i), k) for i in row) / len(row)
             out.setdefault(f"i2t_R{k}", []).append(value)
             total += value
         out.setdefault("rsum", []).append(total)
@@ -231,6 +283,34 @@ def test_bootstrap_matches_the_loop_on_random_ranks():
         draw.metric(ranks, "loss")
     with pytest.raises(ValueError, match="3 images, the draw has 9"):
         draw.recalls(SMALL)
+
+
+def test_bootstrap_scores_ties_as_their_expected_hits():
+    indices = stats.bootstrap_indices(3, 60, seed=11)
+    fast = stats.QueryBootstrap(indices).recalls(TIED)
+    slow = _loop_recalls(TIED, indices)
+    for name in stats.RANK_METRICS:
+        np.testing.assert_allclose(fast[name], slow[name], rtol=0, atol=1e-9)
+    # A resample that draws every image once is the whole set: recalls_from_ranks, ties and all.
+    whole = stats.QueryBootstrap(np.array([[0, 1, 2], [2, 1, 0]])).recalls(TIED)
+    point = stats.recalls_from_ranks(TIED)
+    for name in stats.RANK_METRICS:
+        np.testing.assert_allclose(whole[name], [point[name]] * 2, rtol=1e-13, atol=0)
+    assert point["i2t_R1"] == pytest.approx(100 / 18)  # not 1/3: the ties cost it
+    # Random ranks and ties on a bigger set, against the loop.
+    rng = np.random.default_rng(8)
+    n_img = 9
+    ids = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 13)])
+    ranks = {
+        **ranks_of(rng.integers(0, 12, ids.size), rng.integers(0, 25, n_img), ids),
+        "t2i_ties": rng.integers(0, 6, ids.size),
+        "i2t_ties": rng.integers(0, 6, n_img),
+        "i2t_own": rng.integers(1, np.bincount(ids) + 1),
+    }
+    draw = stats.QueryBootstrap(stats.bootstrap_indices(n_img, 80, seed=2))
+    slow = _loop_recalls(ranks, stats.bootstrap_indices(n_img, 80, seed=2))
+    for name in stats.RANK_METRICS:
+        np.testing.assert_allclose(draw.metric(ranks, name), slow[name], atol=1e-9)
 
 
 def test_bootstrap_p_by_hand():

@@ -1,12 +1,20 @@
 """Retrieval recall of a dual encoder over an eval set where an image may have several captions.
 
 The score of a (caption, image) pair is the dot product of their L2-normalised embeddings,
-computed in float32 on the embeddings' device. Ranks count strictly greater scores, so a tie
-favours the true match:
+computed in float32 on the embeddings' device. Scores of one query within
+``tie_tolerance(d)`` of each other are ties, and a tie does not favour the true match: a query
+whose true match ties with other items counts its expected hit under a uniformly random order
+of the tied items (``trainers.recall``), so an encoder that maps every caption to one vector
+scores chance, not 100.
 
-- text->image R@K: the share of captions whose own image has rank < K among all images;
-- image->text R@K: the share of images with at least one own caption of rank < K among all
-  captions, i.e. the best-scoring own caption has fewer than K captions strictly above it.
+- text->image R@K: the mean over captions of the expected hit of its own image among all
+  images;
+- image->text R@K: the mean over images of the expected hit of its first own caption among
+  all captions (an image hits when any own caption is in the top K).
+
+Eval folds (``fold_size``, COCO's 1k protocol): the images are split into consecutive folds,
+each caption goes with its image, and every query is ranked within its fold only; recalls still
+average over all queries.
 
 The score matrix is never held whole: captions (then images) are scored in chunks of
 ``chunk_size`` rows, so extra memory is O(chunk_size x max(N_txt, N_img)).
@@ -14,13 +22,17 @@ The score matrix is never held whole: captions (then images) are scored in chunk
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from trainers.errors import InputError
+from trainers.recall import RANK_FIELDS, recall_metrics, with_tie_defaults
 
 DEFAULT_KS = (1, 5, 10)
 # float16 embeddings renormalised in float32 stay within ~1e-3 of unit norm; 1e-2 still catches
@@ -28,6 +40,9 @@ DEFAULT_KS = (1, 5, 10)
 _NORM_TOLERANCE = 1e-2
 # Ranks are counted as float32 sums of 0/1 flags, exact up to 2^24.
 MAX_ROWS = 2**24 - 1
+# Column slices of a score block counted one at a time (see _count_band): each slice's int64
+# flags take 9/64 of the block's float32 bytes.
+_COUNT_SLICES = 16
 
 
 def metric_keys(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
@@ -106,31 +121,95 @@ def _check_embeddings(name: str, emb: Tensor) -> None:
         )
 
 
-def _count_above(scores: Tensor, threshold: Tensor) -> Tensor:
-    """Per row of ``scores`` (chunk x N float32), how many entries are strictly above
-    ``threshold`` (chunk x 1). Overwrites ``scores``. Returns chunk long."""
-    # Writing the 0/1 flags into the scores' own memory keeps the peak at one chunk x N float32
-    # matrix; a bool mask summed to long would add 9 bytes per entry. Float32 sums of 0/1 are
-    # exact below 2^24, hence MAX_ROWS.
-    return scores.gt_(threshold).sum(dim=1).long()
+def tie_tolerance(width: int) -> float:
+    """Half-width of the tie band of a score between ``width``-component unit embeddings:
+    ``width * 2**-23``. Two scores of one query closer than this are ties.
+
+    A float32 dot product of d terms is off the exact one by at most gamma_d * sum |x_i y_i|,
+    gamma_d = d u / (1 - d u) with u = 2^-24 (Higham, Accuracy and Stability of Numerical
+    Algorithms, 3.1), and sum |x_i y_i| <= 1 for unit vectors. So two pairs whose exact scores
+    are equal (a repeated caption, an encoder that returns one vector for every input) may be
+    computed up to 2 gamma_d ~ d 2^-23 apart, and they are: a chunked or blocked matmul does
+    not sum every row in the same order. Scores this close cannot be told apart, so they tie.
+    """
+    return width * 2.0**-23
 
 
-def _t2i_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: int) -> Tensor:
-    """Rank of each caption's own image: images scoring strictly higher. N_txt long."""
+@dataclass(frozen=True)
+class QueryRanks:
+    """Per-query counts behind every recall, torch.long on CPU (see ``trainers.recall``).
+
+    ``t2i_rank`` / ``t2i_ties`` (N_txt): per caption, the images scoring above its own image's
+    tie band / the other images inside it. ``i2t_rank`` / ``i2t_ties`` (N_img): per image, the
+    captions of other images scoring above / inside the tie band of its best own caption;
+    ``i2t_own`` (N_img, >= 1): its own captions inside that band. With eval folds, counts are
+    within the query's fold; the arrays stay aligned with the whole set's captions and images.
+    """
+
+    t2i_rank: Tensor
+    t2i_ties: Tensor
+    i2t_rank: Tensor
+    i2t_ties: Tensor
+    i2t_own: Tensor
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The five arrays by field name (``trainers.recall.RANK_FIELDS``)."""
+        return {name: getattr(self, name) for name in RANK_FIELDS}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The five arrays as int64 numpy, as ``eval_ranks.npz`` holds them."""
+        return {name: value.numpy() for name, value in self.tensors().items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> QueryRanks:
+        """From a mapping of the field names to tensors or arrays, e.g. a loaded
+        ``eval_ranks.npz``; a file written before ties were counted (ranks only) reads as
+        ties 0 and own 1 (``trainers.recall.with_tie_defaults``)."""
+        plain = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in arrays.items()}
+        full = with_tie_defaults(plain)
+        return cls(**{name: torch.from_numpy(full[name]) for name in RANK_FIELDS})
+
+
+def _count_band(scores: Tensor, centre: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Per row of ``scores`` (chunk x N float32): how many entries are above ``centre + tol``
+    and how many are at least ``centre - tol`` (``centre``: chunk x 1). Overwrites ``scores``.
+    Returns two chunk long tensors."""
+    # Summing a bool mask casts it to int64 (twice the block's bytes), so the first count runs
+    # over column slices whose masks stay a small fraction of the block. The second writes its
+    # 0/1 flags into the scores' own memory; float32 sums of 0/1 are exact below 2^24, hence
+    # MAX_ROWS.
+    high = centre + tol
+    width = -(-scores.shape[1] // _COUNT_SLICES)
+    above = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    for start in range(0, scores.shape[1], width):
+        above += (scores[:, start : start + width] > high).sum(dim=1)
+    at_least = scores.ge_(centre - tol).sum(dim=1).long()
+    return above, at_least
+
+
+def _t2i_ranks(
+    image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: int, tol: float
+) -> tuple[Tensor, Tensor]:
+    """``(rank, ties)`` of each caption's own image among ``image``, N_txt long each."""
     ranks = torch.empty(text.shape[0], dtype=torch.long, device=text.device)
+    ties = torch.empty_like(ranks)
     for start in range(0, text.shape[0], chunk_size):
         stop = min(start + chunk_size, text.shape[0])
         scores = text[start:stop] @ image.T  # chunk x N_img
         # Read the true score out of the same product so both sides of the comparison went
-        # through identical arithmetic: an exact tie stays a tie.
+        # through identical arithmetic: the own image is always inside its own band.
         true = scores.gather(1, text_to_image[start:stop, None])
-        ranks[start:stop] = _count_above(scores, true)
+        above, at_least = _count_band(scores, true, tol)
+        ranks[start:stop] = above
+        ties[start:stop] = at_least - above - 1  # less the caption's own image
         del scores  # else the next chunk's block is allocated while this one is alive
-    return ranks
+    return ranks, ties
 
 
-def _i2t_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: int) -> Tensor:
-    """Rank of each image's best own caption: captions scoring strictly higher. N_img long."""
+def _i2t_ranks(
+    image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rank, ties, own)`` of each image's best own caption among ``text``, N_img long each."""
     n_img = image.shape[0]
     # Captions grouped by image, so a chunk of images [start, stop) owns one contiguous slice.
     order = torch.argsort(text_to_image, stable=True)
@@ -138,27 +217,85 @@ def _i2t_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, chunk_size: i
     offsets[1:] = torch.cumsum(torch.bincount(text_to_image, minlength=n_img), dim=0)
     offsets = offsets.tolist()
     ranks = torch.empty(n_img, dtype=torch.long, device=text.device)
+    ties = torch.empty_like(ranks)
+    owns = torch.empty_like(ranks)
     for start in range(0, n_img, chunk_size):
         stop = min(start + chunk_size, n_img)
         scores = image[start:stop] @ text.T  # chunk x N_txt
         own = order[offsets[start] : offsets[stop]]
         rows = text_to_image[own] - start
+        own_scores = scores[rows, own]
         best = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=text.device)
-        best.scatter_reduce_(0, rows, scores[rows, own], reduce="amax")
-        ranks[start:stop] = _count_above(scores, best[:, None])
+        best.scatter_reduce_(0, rows, own_scores, reduce="amax")
+        # Own captions cannot score above the best one, so every own caption in the band is in
+        # the "at least" count and none in the "above" one.
+        in_band = (own_scores >= best[rows] - tol).long()
+        own_count = torch.zeros(stop - start, dtype=torch.long, device=text.device)
+        own_count.scatter_add_(0, rows, in_band)
+        above, at_least = _count_band(scores, best[:, None], tol)
+        ranks[start:stop] = above
+        ties[start:stop] = at_least - above - own_count
+        owns[start:stop] = own_count
         del scores  # else the next chunk's block is allocated while this one is alive
-    return ranks
+    return ranks, ties, owns
+
+
+def check_fold_size(n_images: int, fold_size: int | None, name: str = "fold_size") -> None:
+    """InputError (one line, naming ``name``) unless ``n_images`` splits into whole folds of
+    ``fold_size`` images; None (no folds) and a set of at most one fold always pass."""
+    if fold_size is None:
+        return
+    _check_positive(name, fold_size)
+    if n_images > fold_size and n_images % fold_size:
+        raise InputError(
+            f"{name}: expected an eval set of a multiple of {fold_size} images (or at most "
+            f"{fold_size}) to split into folds, got {n_images} images; set {name} to a "
+            f"divisor of {n_images}, or to none to rank the whole set"
+        )
+
+
+def _fold_ranks(
+    image: Tensor, text: Tensor, ids: Tensor, chunk_size: int, fold_size: int | None
+) -> QueryRanks:
+    """Every query ranked within its fold of ``fold_size`` consecutive images (and their
+    captions); None or a single fold ranks the whole set."""
+    tol = tie_tolerance(image.shape[1])
+    n_img = image.shape[0]
+    if fold_size is None or n_img <= fold_size:
+        return QueryRanks(
+            *_t2i_ranks(image, text, ids, chunk_size, tol),
+            *_i2t_ranks(image, text, ids, chunk_size, tol),
+        )
+    t2i = torch.empty((2, text.shape[0]), dtype=torch.long, device=text.device)
+    i2t = torch.empty((3, n_img), dtype=torch.long, device=text.device)
+    caption_fold = torch.div(ids, fold_size, rounding_mode="floor")
+    for fold, start in enumerate(range(0, n_img, fold_size)):
+        stop = start + fold_size
+        captions = torch.nonzero(caption_fold == fold).flatten()
+        fold_image, fold_text, fold_ids = image[start:stop], text[captions], ids[captions] - start
+        t2i[:, captions] = torch.stack(_t2i_ranks(fold_image, fold_text, fold_ids, chunk_size, tol))
+        i2t[:, start:stop] = torch.stack(
+            _i2t_ranks(fold_image, fold_text, fold_ids, chunk_size, tol)
+        )
+    return QueryRanks(t2i[0], t2i[1], i2t[0], i2t[1], i2t[2])
 
 
 def retrieval_ranks(
-    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_size: int = 1024
-) -> tuple[Tensor, Tensor]:
-    """Per-query ranks, the raw material of every recall (and of bootstrap intervals).
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    chunk_size: int = 1024,
+    *,
+    fold_size: int | None = None,
+) -> QueryRanks:
+    """Per-query ranks and ties, the raw material of every recall (and of bootstrap
+    intervals).
 
-    Same inputs and checks as ``retrieval_metrics``. Returns ``(t2i_rank, i2t_rank)`` on CPU,
-    torch.long: ``t2i_rank`` (N_txt) counts the images scoring strictly higher than each
-    caption's own image (0 = its image is first); ``i2t_rank`` (N_img) counts the captions
-    scoring strictly higher than each image's best own caption. R@K = share of ranks < K.
+    Same inputs and checks as ``retrieval_metrics``. Returns a ``QueryRanks`` on CPU: per
+    caption the images above / tied with its own image, per image the captions of other images
+    above / tied with its best own caption and its own captions tied at the top; scores within
+    ``tie_tolerance(d)`` of each other are ties. ``fold_size``: rank each query only within its
+    fold of that many consecutive images and their captions (``check_fold_size``).
     """
     _check_positive("chunk_size", chunk_size)
     _check_embeddings("image_emb", image_emb)
@@ -173,30 +310,20 @@ def retrieval_ranks(
             f"got {text_emb.device}"
         )
     _check_text_to_image(text_to_image, text_emb.shape[0], image_emb.shape[0])
+    check_fold_size(image_emb.shape[0], fold_size)
     with torch.no_grad():
         image = image_emb.detach().float()
         text = text_emb.detach().float()
         ids = text_to_image.detach().to(device=image.device, dtype=torch.long)
-        t2i = _t2i_ranks(image, text, ids, chunk_size)
-        i2t = _i2t_ranks(image, text, ids, chunk_size)
-    return t2i.cpu(), i2t.cpu()
+        ranks = _fold_ranks(image, text, ids, chunk_size, fold_size)
+    return QueryRanks(**{name: value.cpu() for name, value in ranks.tensors().items()})
 
 
-def metrics_from_ranks(
-    t2i_rank: Tensor, i2t_rank: Tensor, ks: Sequence[int] = DEFAULT_KS
-) -> dict[str, float]:
-    """``t2i_R{k}``, ``i2t_R{k}`` (percent), ``rsum`` and ``mean_recall`` from the ranks of
-    ``retrieval_ranks``."""
+def metrics_from_ranks(ranks: QueryRanks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """``t2i_R{k}``, ``i2t_R{k}`` (percent: 100 x the mean expected hit, ``trainers.recall``),
+    ``rsum`` and ``mean_recall`` from the ranks of ``retrieval_ranks``."""
     ks = _check_ks(ks)
-    metrics: dict[str, float] = {}
-    for name, ranks in (("t2i", t2i_rank), ("i2t", i2t_rank)):
-        for k in ks:
-            hits = int((ranks < k).sum())
-            metrics[f"{name}_R{k}"] = 100.0 * hits / ranks.numel()
-    recalls = list(metrics.values())
-    metrics["rsum"] = sum(recalls)
-    metrics["mean_recall"] = metrics["rsum"] / len(recalls)
-    return metrics
+    return recall_metrics(ranks.arrays(), ks)
 
 
 def retrieval_metrics(
@@ -205,6 +332,8 @@ def retrieval_metrics(
     text_to_image: Tensor,
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int = 1024,
+    *,
+    fold_size: int | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text recall at each K, in percent (0-100).
 
@@ -213,13 +342,17 @@ def retrieval_metrics(
     integer ids, the image of each caption; every image needs at least one caption.
     Returns ``t2i_R{k}`` and ``i2t_R{k}`` for each k in ks (a K above N gives 100), ``rsum``
     (sum of the 2*len(ks) recalls) and ``mean_recall`` (rsum / (2*len(ks))), as Python floats.
+    A query whose true match ties with other items counts its expected hit under a random
+    order of the tied items. ``fold_size``: rank within folds of that many images (COCO's 1k
+    protocol), averaging over all queries; None ranks the whole set.
     Extra memory is O(chunk_size x max(N_img, N_txt)); the N_txt x N_img score matrix is never
     materialised. Raises InputError (a ValueError) on bad shapes, dtypes, ids, non-normalised or
-    non-finite rows, more than MAX_ROWS (2^24 - 1) rows, or images without a caption.
+    non-finite rows, more than MAX_ROWS (2^24 - 1) rows, images without a caption, or a set
+    that does not split into whole folds.
     """
     ks = _check_ks(ks)
-    t2i, i2t = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
-    return metrics_from_ranks(t2i, i2t, ks)
+    ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size, fold_size=fold_size)
+    return metrics_from_ranks(ranks, ks)
 
 
 @torch.no_grad()
@@ -263,21 +396,29 @@ def evaluate_retrieval(
     chunk_size: int = 1024,
     ks: Sequence[int] = DEFAULT_KS,
     ranks_out: dict[str, Tensor] | None = None,
+    *,
+    fold_size: int | None = None,
 ) -> dict[str, float]:
     """Encode an eval set (images N_img x C x H x W, tokens N_txt x L) and score its retrieval.
 
     Embeddings are computed batch by batch on ``device``, kept on CPU, and scored on ``device``
-    by retrieval_metrics(); same keys and units. The ids are checked before any encoding, so a
-    bad eval set fails fast. ``ranks_out``, when given, receives ``t2i_rank`` and ``i2t_rank``
-    (see ``retrieval_ranks``) so callers can keep the per-query ranks behind the recalls.
+    by retrieval_metrics(); same keys, units and ``fold_size``. The ids and the folds are
+    checked before any encoding, so a bad eval set fails fast. ``ranks_out``, when given,
+    receives the five ``QueryRanks`` arrays by name (``t2i_rank``, ``t2i_ties``, ``i2t_rank``,
+    ``i2t_ties``, ``i2t_own``) so callers can keep the per-query ranks behind the recalls.
     """
     ks = _check_ks(ks)
     _check_text_to_image(text_to_image, len(tokens), len(images))
+    check_fold_size(len(images), fold_size)
     image_emb = encode_batches(encode_image, images, batch_size, device)
     text_emb = encode_batches(encode_text, tokens, batch_size, device)
-    t2i, i2t = retrieval_ranks(
-        image_emb.to(device), text_emb.to(device), text_to_image.to(device), chunk_size
+    ranks = retrieval_ranks(
+        image_emb.to(device),
+        text_emb.to(device),
+        text_to_image.to(device),
+        chunk_size,
+        fold_size=fold_size,
     )
     if ranks_out is not None:
-        ranks_out.update(t2i_rank=t2i, i2t_rank=i2t)
-    return metrics_from_ranks(t2i, i2t, ks)
+        ranks_out.update(ranks.tensors())
+    return metrics_from_ranks(ranks, ks)
