@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test-fast: lint
-	$(BIN)/python -m pytest -m "not integration and not faults"
+	$(BIN)/python -m pytest -m "not integration and not faults and not slow"
 
 # img2dataset (test-only: tests/test_img2dataset.py runs its CLI on a local HTTP server) gets
 # a venv of its own inside .venv: it needs pandas < 3 and webdataset 0.2.x, which the product's
