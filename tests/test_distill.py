@@ -177,12 +177,44 @@ def test_each_eval_leaves_its_per_query_ranks(tiny_shapes, tiny_teacher, tmp_pat
     train_loop_per_worker(base_config(tiny_shapes, tiny_teacher, tmp_path), recorder)
     for metrics, checkpoint_dir in recorder.reports:
         with np.load(f"{checkpoint_dir}/{RANKS_FILE}") as ranks:
+            assert set(ranks.files) == {
+                "t2i_rank", "t2i_ties", "i2t_rank", "i2t_ties", "i2t_own", "text_to_image"
+            }  # fmt: skip
             assert ranks["t2i_rank"].shape == ranks["text_to_image"].shape
+            assert ranks["t2i_ties"].shape == ranks["t2i_rank"].shape
+            assert ranks["i2t_ties"].shape == ranks["i2t_own"].shape == ranks["i2t_rank"].shape
+            assert ranks["i2t_own"].min() >= 1 and ranks["t2i_ties"].min() >= 0
             assert ranks["i2t_rank"].shape == (int(ranks["text_to_image"].max()) + 1,)
             again = metrics_from_ranks(QueryRanks.from_arrays(ranks))
         # The ranks are exactly what the reported recalls were computed from.
         for key in (*RECALL_KEYS, "rsum"):
             assert again[key] == pytest.approx(metrics[key]), key
+
+
+def test_eval_folds_rank_each_query_within_its_fold(tiny_shapes, tiny_teacher, tmp_path):
+    # 60 eval images with 5 captions each in folds of 20: a caption meets 20 images, an image
+    # 100 captions, so no count can reach past its fold.
+    recorder = Recorder()
+    config = base_config(tiny_shapes, tiny_teacher, tmp_path, steps=1, eval_every=1)
+    train_loop_per_worker({**config, "eval_fold_size": 20}, recorder)
+    with np.load(f"{recorder.reports[0][1]}/{RANKS_FILE}") as ranks:
+        assert (ranks["t2i_rank"] + ranks["t2i_ties"]).max() <= 19
+        assert (ranks["i2t_rank"] + ranks["i2t_ties"] + ranks["i2t_own"]).max() <= 100
+        again = metrics_from_ranks(QueryRanks.from_arrays(ranks))
+    assert again["rsum"] == pytest.approx(recorder.reports[0][0]["rsum"])
+
+
+def test_eval_folds_that_do_not_split_the_eval_set_fail_before_training(
+    tiny_shapes, tiny_teacher, tmp_path
+):
+    recorder = Recorder()
+    config = base_config(tiny_shapes, tiny_teacher, tmp_path, eval_fold_size=50)
+    with pytest.raises(
+        InputError, match=r"^eval_fold_size: expected an eval set of a multiple of 50 images "
+        r"\(or at most 50\).*got 60 images"
+    ):  # fmt: skip
+        train_loop_per_worker(config, recorder)
+    assert recorder.reports == [] and not (tmp_path / "checkpoints").exists()
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_shapes, tiny_teacher, tmp_path):

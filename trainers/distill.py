@@ -8,9 +8,9 @@ Per step: a batch of N images and captions per worker -> student embeddings (nat
 student-student types, mapped to the teacher's width for teacher-student types) and teacher
 embeddings (from the teacher-embedding cache, or a live no-grad forward) -> all-gathered to the
 global batch (student side with gradient) -> sum over pairs of weight x interaction_loss.
-Every ``eval_every`` steps: retrieval metrics on the eval shards (rank 0), a checkpoint (model,
-optimiser, scheduler, step, RNG, and the eval's per-query ranks as ``eval_ranks.npz``) and one
-report from every rank.
+Every ``eval_every`` steps: retrieval metrics on the eval shards (rank 0; ranked within folds of
+``eval_fold_size`` images), a checkpoint (model, optimiser, scheduler, step, RNG, and the eval's
+per-query ranks and ties as ``eval_ranks.npz``) and one report from every rank.
 
 Fair cells: a pair with weight "auto" is off during warm-up; over the ``balance_window`` steps
 from ``balance_step`` the loop measures the gradient norm (w.r.t. the student's parameters) of
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from trainers.errors import InputError
 from trainers.eval_cache import load_eval_set_cached
-from trainers.evaluate import evaluate_retrieval
+from trainers.evaluate import check_fold_size, evaluate_retrieval
 from trainers.graph import learning_type_spec
 from trainers.loaders import make_train_loader
 from trainers.losses import interaction_loss
@@ -335,34 +335,37 @@ class DistillationRun:
         if not self.cfg.eval_shards:
             return None
         loaded = self.student_loaded
-        return load_eval_set_cached(
+        eval_set = load_eval_set_cached(
             self.cfg.eval_shards, loaded.preprocess_eval, loaded.tokenizer, self.cfg.eval_cache
         )
+        # Before the first step, not at the first eval: a set that does not split into folds
+        # would otherwise fail the run after eval_every steps of training.
+        check_fold_size(len(eval_set.images), self.cfg.eval_fold_size, "eval_fold_size")
+        return eval_set
 
     def _evaluate(self, eval_set) -> dict[str, float]:
         if eval_set is None:
             return {}
-        student = self.student
-        student.eval()
+        scored = self.student
+        was_training = scored.training
+        scored.eval()
         ranks: dict[str, Tensor] = {}
         try:
             metrics = evaluate_retrieval(
-                lambda x: student.clip.encode_image(x, normalize=True),
-                lambda t: student.clip.encode_text(t, normalize=True),
+                lambda x: scored.clip.encode_image(x, normalize=True),
+                lambda t: scored.clip.encode_text(t, normalize=True),
                 eval_set.images,
                 eval_set.tokens,
                 eval_set.text_to_image,
                 batch_size=self.cfg.eval_batch_size,
                 device=self.ctx.device,
                 ranks_out=ranks,
+                fold_size=self.cfg.eval_fold_size,
             )
         finally:
-            student.train()
-        self.last_ranks = {
-            "t2i_rank": ranks["t2i_rank"].numpy(),
-            "i2t_rank": ranks["i2t_rank"].numpy(),
-            "text_to_image": eval_set.text_to_image.long().cpu().numpy(),
-        }
+            scored.train(was_training)
+        self.last_ranks = {name: value.numpy() for name, value in ranks.items()}
+        self.last_ranks["text_to_image"] = eval_set.text_to_image.long().cpu().numpy()
         return metrics
 
     def _check_live_teacher_inputs(self) -> None:

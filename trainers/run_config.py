@@ -185,6 +185,13 @@ class DistillConfig(BaseModel):
     batch_size: PositiveInt = Field(default=64, description="per worker")
     eval_every: PositiveInt = 100
     eval_batch_size: PositiveInt = 256
+    eval_fold_size: PositiveInt | None = Field(
+        default=1000,
+        description="rank each eval query within consecutive folds of this many images and "
+        "their captions, recalls averaged over all queries (COCO's 1k protocol: rsum keeps its "
+        "scale on bigger eval sets); the set must split into whole folds or be at most one; "
+        "None ranks the whole set",
+    )
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=20, ge=0)

@@ -100,6 +100,8 @@ def config_hash(cfg: DistillConfig) -> str:
         "balance_after",
         "balance_steps",
     }
+    # Eval folds change the reported recall, not the weights.
+    unused.add("eval_fold_size")
     fields = cfg.model_dump(
         mode="json",
         exclude={"out_dir", "torch_threads", "loader_workers", "eval_cache", *unused},
