@@ -72,3 +72,18 @@ def test_a_recipe_carries_the_setting_but_no_files_of_the_machine_that_ran():
     assert settings["steps"] == 40 and settings["lr"] == 3e-4 and settings["amp"] is True
     assert "grad_clip" not in settings  # None: left to the default
     assert DistillConfig.model_validate(settings).batch_size == 16
+
+
+@pytest.mark.parametrize(
+    ("fold", "decay", "fold_text", "decay_text"),
+    [(None, 0.999, "", "0.999"), (5000, None, "5000", ""), (1000, 0.5, "1000", "0.5")],
+)
+def test_eval_folds_and_the_ema_decay_read_back_as_logged(fold, decay, fold_text, decay_text):
+    run = _run().model_copy(update={"eval_fold_size": fold, "ema_decay": decay})
+    params = trial_params(run, ScalingSpec(), PairSet.parse("intra_ts:infonce"))
+    assert (params["eval_fold_size"], params["ema_decay"]) == (fold_text, decay_text)
+    back = run_from_params(params)
+    assert (back.eval_fold_size, back.ema_decay) == (fold, decay)
+    # A recipe carries a set fold size and decay; None stays with the default.
+    settings = recipe_settings(params)
+    assert settings.get("eval_fold_size") == fold and settings.get("ema_decay") == decay

@@ -12,6 +12,12 @@ Every ``eval_every`` steps: retrieval metrics on the eval shards (rank 0; ranked
 ``eval_fold_size`` images), a checkpoint (model, optimiser, scheduler, step, RNG, and the eval's
 per-query ranks and ties as ``eval_ranks.npz``) and one report from every rank.
 
+With ``ema_decay`` set, an exponential moving average of the student (torch's
+``AveragedModel`` with its EMA averaging function, parameters and buffers) is updated after
+every optimizer step; every eval scores the average, not the student, and the checkpoint keeps
+it under ``ema_student`` (which ``trainers.export`` prefers) with its update count, so a
+resumed run carries on the same average.
+
 Fair cells: a pair with weight "auto" is off during warm-up; over the ``balance_window`` steps
 from ``balance_step`` the loop measures the gradient norm (w.r.t. the student's parameters) of
 each auto pair's loss and of the weighted sum of the fixed-weight pairs, and then fixes the auto
@@ -40,10 +46,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
 from trainers.errors import InputError
 from trainers.eval_cache import load_eval_set_cached
 from trainers.evaluate import check_fold_size, evaluate_retrieval
+from trainers.export import EMA_STATE
 from trainers.graph import learning_type_spec
 from trainers.loaders import make_train_loader
 from trainers.losses import interaction_loss
@@ -129,6 +137,7 @@ class DistillationRun:
 
             self.model = ray.train.torch.prepare_model(self.student, move_to_device=False)
         self.optimizer = adamw(self.student, cfg.lr, cfg.weight_decay)
+        self.ema = None if cfg.ema_decay is None else student_ema(self.student, cfg.ema_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps)
         )
@@ -233,6 +242,8 @@ class DistillationRun:
         self.scheduler.step()
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
         self.samples_seen += images.shape[0] * self.ctx.world_size
         losses["loss"] = total.item()
         return losses
@@ -346,7 +357,7 @@ class DistillationRun:
     def _evaluate(self, eval_set) -> dict[str, float]:
         if eval_set is None:
             return {}
-        scored = self.student
+        scored = self.student if self.ema is None else self.ema.module
         was_training = scored.training
         scored.eval()
         ranks: dict[str, Tensor] = {}
@@ -438,6 +449,9 @@ class DistillationRun:
             "norm_sums": dict(self.norm_sums),
             "norm_count": self.norm_count,
         }
+        if self.ema is not None:
+            state[EMA_STATE] = self.ema.module.state_dict()
+            state["ema_updates"] = int(self.ema.n_averaged)
         # Write then rename: a crash mid-write never leaves a truncated checkpoint behind.
         partial = directory / (CHECKPOINT_FILE + ".partial")
         torch.save(state, partial)
@@ -457,6 +471,9 @@ class DistillationRun:
             reason = str(error).strip().splitlines()[0]
             raise InputError(f"{path}: refused, not a plain checkpoint ({reason})") from None
         self.student.load_state_dict(state["student"])
+        if self.ema is not None and EMA_STATE in state:
+            self.ema.module.load_state_dict(state[EMA_STATE])
+            self.ema.n_averaged.fill_(int(state["ema_updates"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -470,6 +487,16 @@ class DistillationRun:
             self.weights_resolved = bool(state["weights_resolved"])
             self.norm_sums = {k: float(v) for k, v in state["norm_sums"].items()}
             self.norm_count = int(state["norm_count"])
+
+
+def student_ema(student: nn.Module, decay: float) -> AveragedModel:
+    """torch's exponential moving average of ``student``'s parameters and buffers: a copy
+    whose ``update_parameters(student)`` sets it to the student on the first call and to
+    ``decay x average + (1 - decay) x student`` on every later one."""
+    # The per-tensor EMA function, not get_ema_multi_avg_fn: the latter's foreach lerp turns
+    # the -inf entries of open_clip's causal attention mask (a buffer) into NaN
+    # (-inf + w x (-inf - -inf)), and the average's text tower would then return NaN.
+    return AveragedModel(student, avg_fn=get_ema_avg_fn(decay), use_buffers=True)
 
 
 def _as_random_state(value: Any) -> tuple:

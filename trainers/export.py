@@ -3,7 +3,8 @@
 ``export_student`` writes a student CLIP (width head dropped) as open_clip-loadable files;
 ``parameter_counts``, ``size_on_disk`` and ``encode_throughput`` measure a CLIP, and
 ``model_report`` puts them in one flat dict; ``export_checkpoint`` does all of it for one
-trial's checkpoint, against its teacher, and ``industry_table`` renders the result.
+trial's checkpoint, against its teacher, and ``industry_table`` renders the result. A run with
+``ema_decay`` exports the moving average it evaluated (``student_state``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from trainers.errors import InputError
 from trainers.models import DistillStudent, build_student, clip_of, load_model
 
 RECALL_PREFIXES = ("t2i_", "i2t_", "rsum")  # the logged metrics the report carries
+# Checkpoint key of the student's exponential moving average (trainers.distill, ema_decay):
+# the weights that run's evals scored, so the ones it ships.
+EMA_STATE = "ema_student"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -211,17 +215,24 @@ def model_report(
     return report
 
 
+def student_state(checkpoint_state: Mapping[str, Any]) -> Mapping[str, Tensor]:
+    """The student weights a trial checkpoint (the dict ``trainers.distill`` saves) stands for:
+    the moving average under ``EMA_STATE`` when the run kept one (its evals scored it), else
+    the trained student under "student"."""
+    return checkpoint_state.get(EMA_STATE) or checkpoint_state["student"]
+
+
 def load_student_checkpoint(checkpoint: str | Path, student: str) -> DistillStudent:
-    """The student of a trial checkpoint (a dict with the student's state under "student"),
+    """The student of a trial checkpoint (``student_state``: the EMA weights of an EMA run),
     built as ``student`` names it, in eval mode. The width head is rebuilt from the state's own
     shape (none when the checkpoint has none), so the state always loads strictly."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    student_state = state["student"]
-    head = student_state.get("teacher_head.weight")
+    weights = student_state(state)
+    head = weights.get("teacher_head.weight")
     model, _ = build_student(
         student, teacher_embed_dim=None if head is None else int(head.shape[0])
     )
-    model.load_state_dict(student_state)
+    model.load_state_dict(weights)
     model.eval()
     return model
 

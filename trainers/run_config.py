@@ -192,6 +192,14 @@ class DistillConfig(BaseModel):
         "scale on bigger eval sets); the set must split into whole folds or be at most one; "
         "None ranks the whole set",
     )
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="evaluate (and export) an exponential moving average of the student's "
+        "parameters and buffers with this decay, updated after every optimizer step; None: "
+        "the student itself",
+    )
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=20, ge=0)

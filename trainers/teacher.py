@@ -19,7 +19,7 @@ import torch
 
 from trainers.distill import CHECKPOINT_FILE, Progress, train_loop_per_worker
 from trainers.errors import InputError
-from trainers.export import export_student
+from trainers.export import export_student, student_state
 from trainers.models import build_student
 from trainers.precision import bf16_autocast_pays
 from trainers.run_config import DistillConfig
@@ -100,8 +100,11 @@ def config_hash(cfg: DistillConfig) -> str:
         "balance_after",
         "balance_steps",
     }
-    # Eval folds change the reported recall, not the weights.
+    # Eval folds change the reported recall, not the weights; an EMA changes the exported
+    # weights only when it is on, so a teacher trained without one keeps its hash.
     unused.add("eval_fold_size")
+    if cfg.ema_decay is None:
+        unused.add("ema_decay")
     fields = cfg.model_dump(
         mode="json",
         exclude={"out_dir", "torch_threads", "loader_workers", "eval_cache", *unused},
@@ -151,7 +154,7 @@ def train_teacher(
     latest = sorted((directory / "checkpoints").glob("step_*"))[-1] / CHECKPOINT_FILE
     state = torch.load(latest, map_location="cpu", weights_only=True)
     student, _ = build_student(cfg.student, teacher_embed_dim=None)
-    student.load_state_dict(state["student"])
+    student.load_state_dict(student_state(state))
     weights = export_student(student, directory, cfg.student)
     final = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     result_path.write_text(
