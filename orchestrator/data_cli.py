@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainers.shards import CheckReport
 
 # trainers.synth_shards, trainers.shards and trainers.karpathy (torch, webdataset) are imported
 # where used, so that `conaclip --help` does not pay for them.
@@ -61,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read every sample; per-shard counts and each bad sample; exit 1 if any is bad",
         description="Read every sample of the shards (paths, brace patterns, globs, directories "
         "or URLs) as training would; print per-shard counts and each bad sample "
-        "(shard, key, reason). Exit 0 when all are good, 1 otherwise.",
+        "(shard, key, reason), and warn of captions shared by several images and of identical "
+        "images under several keys (they tie in recall). Exit 0 when all are good, 1 otherwise; "
+        "repeats alone do not fail the check.",
     )
     check.add_argument("shards", nargs="+", metavar="SHARDS")
     check.add_argument(
@@ -139,12 +145,48 @@ def _check(args: argparse.Namespace) -> int:
     total_good = sum(c.good for c in report.shards)
     label = f"total ({len(report.shards)} shards)"
     print(f"{label:<{width}}  {total_good:>8}  {len(report.bad):>6}")
+    for line in _repeat_warnings(report):
+        print(line)
     if report.bad:
         print(f"{len(report.bad)} bad sample(s): shard key: reason")
         for bad in report.bad:
             print(f"  {bad}")
         return 1
     return 0
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _keys(count: int, keys: tuple[str, ...]) -> str:
+    more = f", +{count - len(keys)} more" if count > len(keys) else ""
+    return ", ".join(keys) + more
+
+
+def _repeat_warnings(report: CheckReport) -> list[str]:
+    """Warning lines for the repeats of a ``CheckReport``: counts, why they matter, examples."""
+    lines = []
+    captions, images = report.repeated_captions, report.repeated_images
+    if captions.texts:
+        lines += [
+            f"warning: {_plural(captions.texts, 'caption text')} owned by more than one image "
+            f"({_plural(captions.captions, 'caption')}; "
+            f"{_plural(captions.images_all_shared, 'image')} with no caption of its own). A "
+            "repeated caption makes several images equally right for one query; recall gives "
+            "such ties their expected value under a random order, so no model can score them "
+            "fully. Examples:",
+            *(f"  {text!r}: {_keys(n, keys)}" for text, n, keys in captions.examples),
+        ]
+    if images.groups:
+        lines += [
+            f"warning: {_plural(images.groups, 'image')} stored under more than one key "
+            f"({_plural(images.images, 'sample')}; identical bytes, sha1). Copies of one image "
+            "tie for each other's captions; recall gives such ties their expected value under "
+            "a random order. Examples:",
+            *(f"  {_keys(n, keys)}" for n, keys in images.examples),
+        ]
+    return lines
 
 
 def _from_karpathy(args: argparse.Namespace) -> int:

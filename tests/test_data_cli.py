@@ -83,6 +83,107 @@ def test_check_exit_codes_and_report(tmp_path, capsys):
         run("check", tmp_path / "nothing-here" / "*.tar")
 
 
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def repeats_set(root: Path) -> list[Path]:
+    """Two shards whose good samples repeat captions and images (and one bad sample whose
+    repeats do not count): see test_check_reports_repeated_captions_and_images."""
+    red, green, blue, yellow = (_png(c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 0)))
+
+    def captions(*texts: str) -> bytes:
+        return json.dumps({"captions": list(texts)}).encode()
+
+    first = [
+        {"__key__": "k0", "png": red, "txt": b"a red square"},
+        {"__key__": "k1", "png": green, "json": captions("a red square", " a green circle ")},
+        {"__key__": "k2", "png": blue, "txt": b"  a red square  "},
+        {"__key__": "k3", "png": red, "txt": b"a copy"},
+        {"__key__": "k4", "png": red, "txt": b"another copy"},
+        {"__key__": "k5", "png": yellow, "json": captions("twice", "twice")},  # one image: fine
+        {"__key__": "k9", "png": blue, "txt": b""},  # bad: neither its image nor text counts
+    ]
+    second = [{"__key__": "k6", "png": green, "txt": b"a green circle"}]
+    paths = [root / "00000.tar", root / "00001.tar"]
+    write_shard(paths[0], first)
+    write_shard(paths[1], second)
+    return paths
+
+
+def test_check_reports_repeated_captions_and_images(tmp_path, capsys):
+    # Captions: "a red square" is k0's, k1's and (stripped) k2's; "a green circle" is k1's and
+    # k6's: 2 texts on 5 captions, and k0, k1, k2, k6 have no caption of their own. k5's two
+    # "twice" belong to one image, which is no tie. Images: k0's bytes again as k3 and k4, k1's
+    # as k6: 2 contents on 5 samples.
+    paths = repeats_set(tmp_path)
+    report = check_shards(paths)
+    assert [b.key for b in report.bad] == ["k9"]
+    captions, images = report.repeated_captions, report.repeated_images
+    assert (captions.texts, captions.captions, captions.images_all_shared) == (2, 5, 4)
+    assert captions.examples == (
+        ("a red square", 3, ("k0", "k1", "k2")),
+        ("a green circle", 2, ("k1", "k6")),
+    )
+    assert (images.groups, images.images) == (2, 5)
+    assert images.examples == ((3, ("k0", "k3", "k4")), (2, ("k1", "k6")))
+
+    # Without the bad sample the check passes: repeats warn, they do not fail it.
+    assert run("check", paths[1], "--no-progress") == 0
+    good_only = tmp_path / "good"
+    write_shard(good_only / "00000.tar", [s for s in _samples(paths[0]) if s["__key__"] != "k9"])
+    assert run("check", good_only, paths[1], "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: 2 caption texts owned by more than one image (5 captions; 4 images with no "
+        "caption of its own)" in out
+    )
+    assert "equally right for one query" in out and "expected value under a random order" in out
+    assert "  'a red square': k0, k1, k2\n" in out and "  'a green circle': k1, k6\n" in out
+    assert "warning: 2 images stored under more than one key (5 samples; identical bytes" in out
+    assert "  k0, k3, k4\n" in out and "  k1, k6\n" in out
+
+
+def _samples(path: Path) -> list[dict]:
+    """The raw members of a shard, as write_shard takes them."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def test_check_of_a_set_without_repeats_warns_of_none(tmp_path, capsys):
+    shard = tmp_path / "clean.tar"
+    samples = [good_sample(i) for i in range(3)]
+    for i, sample in enumerate(samples):
+        sample["txt"] = f"caption {i}".encode()
+    write_shard(shard, samples)
+    assert run("check", shard, "--no-progress") == 0
+    assert "warning" not in capsys.readouterr().out
+    report = check_shards(shard)
+    assert report.repeated_captions.texts == 0 and report.repeated_images.groups == 0
+
+
+def test_more_repeats_than_examples_are_counted_and_cut_short(tmp_path, capsys):
+    # Five images share one caption and pairs of them another: examples stop at 3 keys.
+    shard = tmp_path / "many.tar"
+    samples = [good_sample(i) for i in range(5)]
+    for i, sample in enumerate(samples):
+        sample["json"] = json.dumps({"captions": ["same", f"pair {i // 2}"]}).encode()
+    write_shard(shard, samples)
+    report = check_shards(shard)
+    captions = report.repeated_captions
+    # "same" on all 5; "pair 0" on 0-1, "pair 1" on 2-3 ("pair 2" on 4 alone).
+    assert (captions.texts, captions.captions, captions.images_all_shared) == (3, 9, 4)
+    assert captions.examples[0] == ("same", 5, ("00000000", "00000001", "00000002"))
+    assert run("check", shard, "--no-progress") == 0
+    assert "  'same': 00000000, 00000001, 00000002, +2 more" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- Karpathy
 
 

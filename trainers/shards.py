@@ -10,11 +10,17 @@ definition of a good sample; the loaders (``trainers.loaders``), the teacher cac
 Reading never raises for a bad sample: ``iter_shard`` and ``iter_samples`` yield a
 ``BadSample`` naming shard, key and reason in its place (a broken tar counts once, for the
 sample it broke in). A shard list that matches no file raises ``InputError`` naming the pattern.
+
+``check_shards`` also finds repeats among the good samples: a caption text owned by several
+images, and the same image bytes under several keys. They are not errors, but they tie: such a
+caption (or image) makes several images (or captions) equally right for one query, and recall
+(``trainers.recall``) scores a tie as its expected value under a random order.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -317,8 +323,13 @@ def _arrays(raw: Mapping[str, Any], required: Sequence[str]) -> dict[str, np.nda
     return arrays
 
 
+def _image_ext(raw: Mapping[str, Any]) -> str | None:
+    """The member that holds a sample's image (the first of IMAGE_EXTENSIONS it has)."""
+    return next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+
+
 def _image(raw: Mapping[str, Any]) -> Image.Image:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    ext = _image_ext(raw)
     if ext is None:
         raise SampleError(f"missing image (.{'/.'.join(IMAGE_EXTENSIONS)})")
     try:
@@ -339,19 +350,28 @@ def parse_sample(raw: Mapping[str, Any], required_arrays: Sequence[str] = ()) ->
     return Sample(raw["__key__"], raw.get("__url__", ""), image, captions, arrays)
 
 
+def _iter_parsed(
+    urls: Sequence[str], required_arrays: Sequence[str]
+) -> Iterator[tuple[Mapping[str, Any] | None, Sample | BadSample]]:
+    """``iter_samples``, each item with the raw sample it came from (None for a shard or tar
+    error, which has no sample)."""
+    for url in urls:
+        for raw in iter_shard(url):
+            if isinstance(raw, BadSample):
+                yield None, raw
+                continue
+            try:
+                yield raw, parse_sample(raw, required_arrays)
+            except SampleError as error:
+                yield raw, BadSample(url, raw["__key__"], str(error))
+
+
 def iter_samples(
     urls: Sequence[str], required_arrays: Sequence[str] = ()
 ) -> Iterator[Sample | BadSample]:
     """Every sample of ``urls`` in order: a ``Sample`` or a ``BadSample`` for each one."""
-    for url in urls:
-        for raw in iter_shard(url):
-            if isinstance(raw, BadSample):
-                yield raw
-                continue
-            try:
-                yield parse_sample(raw, required_arrays)
-            except SampleError as error:
-                yield BadSample(url, raw["__key__"], str(error))
+    for _, item in _iter_parsed(urls, required_arrays):
+        yield item
 
 
 # --------------------------------------------------------------------------- writing
@@ -408,35 +428,109 @@ class ShardCount:
     bad: int
 
 
+# Repeats a check report names by their samples' keys, at most this many.
+REPEAT_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class RepeatedCaptions:
+    """Caption texts (whitespace stripped) owned by more than one image among good samples.
+
+    ``texts``: how many such texts; ``captions``: the captions carrying one (each image's
+    copies counted); ``images_all_shared``: images whose every caption is such a text (no
+    caption of theirs names them alone); ``examples``: up to REPEAT_EXAMPLES of (text, how
+    many images own it, the keys of the first REPEAT_EXAMPLES of them)."""
+
+    texts: int = 0
+    captions: int = 0
+    images_all_shared: int = 0
+    examples: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class RepeatedImages:
+    """Identical image bytes (sha1) under more than one key among good samples.
+
+    ``groups``: how many such contents; ``images``: the samples that hold one; ``examples``: up
+    to REPEAT_EXAMPLES of (how many samples share one content, the keys of the first
+    REPEAT_EXAMPLES of them)."""
+
+    groups: int = 0
+    images: int = 0
+    examples: tuple[tuple[int, tuple[str, ...]], ...] = ()
+
+
 @dataclass(frozen=True)
 class CheckReport:
     shards: list[ShardCount]
     bad: list[BadSample]
+    repeated_captions: RepeatedCaptions = RepeatedCaptions()
+    repeated_images: RepeatedImages = RepeatedImages()
 
     @property
     def ok(self) -> bool:
+        """No bad sample; repeats are warnings and do not count."""
         return not self.bad
+
+
+class _Repeats:
+    """Collects every good sample's captions and image digest, then names the repeats."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.captions: list[list[str]] = []
+        self.owners: dict[str, list[int]] = {}  # caption text -> images owning it, in order
+        self.contents: dict[bytes, list[int]] = {}  # image sha1 -> images holding it
+
+    def add(self, sample: Sample, image_bytes: bytes) -> None:
+        image = len(self.keys)
+        self.keys.append(sample.key)
+        self.captions.append(sample.captions)
+        for text in dict.fromkeys(sample.captions):
+            self.owners.setdefault(text, []).append(image)
+        self.contents.setdefault(hashlib.sha1(image_bytes).digest(), []).append(image)
+
+    def captions_report(self) -> RepeatedCaptions:
+        shared = {text: images for text, images in self.owners.items() if len(images) > 1}
+        captions = sum(text in shared for texts in self.captions for text in texts)
+        all_shared = sum(all(text in shared for text in texts) for texts in self.captions)
+        examples = tuple(
+            (text, *self._example(images))
+            for text, images in list(shared.items())[:REPEAT_EXAMPLES]
+        )
+        return RepeatedCaptions(len(shared), captions, all_shared, examples)
+
+    def images_report(self) -> RepeatedImages:
+        groups = [images for images in self.contents.values() if len(images) > 1]
+        examples = tuple(self._example(images) for images in groups[:REPEAT_EXAMPLES])
+        return RepeatedImages(len(groups), sum(map(len, groups)), examples)
+
+    def _example(self, images: list[int]) -> tuple[int, tuple[str, ...]]:
+        return len(images), tuple(self.keys[i] for i in images[:REPEAT_EXAMPLES])
 
 
 def check_shards(
     spec: ShardSpec, required_arrays: Sequence[str] = (), progress: bool = False
 ) -> CheckReport:
-    """Read every sample of every shard with ``parse_sample``; per-shard counts and each bad
-    sample. ``InputError`` when ``spec`` matches nothing."""
+    """Read every sample of every shard with ``parse_sample``; per-shard counts, each bad
+    sample, and the repeated captions and images among the good ones (``RepeatedCaptions``,
+    ``RepeatedImages``). ``InputError`` when ``spec`` matches nothing."""
     from tqdm import tqdm
 
     urls = expand_urls(spec)
     counts, bad = [], []
+    repeats = _Repeats()
     for url in tqdm(urls, unit="shard", desc="check", disable=not progress):
         good = broken = 0
-        for item in iter_samples([url], required_arrays):
+        for raw, item in _iter_parsed([url], required_arrays):
             if isinstance(item, BadSample):
                 bad.append(item)
                 broken += 1
             else:
                 good += 1
+                repeats.add(item, raw[_image_ext(raw)])
         counts.append(ShardCount(url, good, broken))
-    return CheckReport(counts, bad)
+    return CheckReport(counts, bad, repeats.captions_report(), repeats.images_report())
 
 
 def require_good_sample(
