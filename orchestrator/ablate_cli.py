@@ -40,10 +40,15 @@ from orchestrator.cli_flags import (
 from orchestrator.config import Workspace, build_settings, read_yaml
 from orchestrator.ray_cluster import init_ray
 from orchestrator.run_lock import exclusive_ablation
+from orchestrator.sequential import DEFAULT_SPENDING, SPENDING
+from orchestrator.verdicts import DEFAULT_MARGIN
 from trainers.errors import InputError
 
 RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
 RACE_MAX_SEEDS = 5
+# The demo races its cells within the laptop budget its README section states.
+DEMO_START_SEEDS = 2
+DEMO_MAX_SEEDS = 5
 
 
 def _say(message: str) -> None:
@@ -51,8 +56,9 @@ def _say(message: str) -> None:
 
 
 def _pair_sets(args: argparse.Namespace, file_values: dict[str, Any]):
-    """(preset, pair sets, baseline name, preset settings, kind) from --pairs, --config or
-    --preset. A user's own sets get the MoTIS baseline as reference when one of them is it."""
+    """(preset, pair sets, baseline name, preset settings, kind, margin) from --pairs,
+    --config or --preset. A user's own sets get the MoTIS baseline as reference when one of
+    them is it."""
     from search_spaces.presets import (
         custom_preset,
         load_preset,
@@ -63,24 +69,26 @@ def _pair_sets(args: argparse.Namespace, file_values: dict[str, Any]):
     if args.pairs:
         preset = custom_preset(pair_sets_from_text(args.pairs))
         baseline = preset.baseline.name if preset.baseline is not None else None
-        return "custom", list(preset.pair_sets), baseline, {}, "grid"
+        return "custom", list(preset.pair_sets), baseline, {}, "grid", None
     if "pair_sets" in file_values or "pairs" in file_values:
         sets = pair_sets_from_yaml(args.config)
         baseline = file_values.get("baseline")
         if baseline is None:
             found = custom_preset(sets).baseline
             baseline = found.name if found is not None else None
-        return file_values.get("preset", "custom"), sets, baseline, {}, "grid"
+        return file_values.get("preset", "custom"), sets, baseline, {}, "grid", None
     preset = load_preset(args.preset or file_values.get("preset", "smoke"))
     baseline = preset.baseline.name if preset.baseline is not None else None
-    return preset.name, list(preset.pair_sets), baseline, dict(preset.settings), preset.kind
+    return (preset.name, list(preset.pair_sets), baseline, dict(preset.settings), preset.kind,
+            preset.margin)  # fmt: skip
 
 
 def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     """The ablation described by the flags/config, and whether trials read the teacher cache."""
     file_values = read_yaml(args.config) if args.config else {}
-    preset, pair_sets, baseline, preset_settings, kind = _pair_sets(args, file_values)
-    for key in ("pair_sets", "pairs", "preset", "baseline", "seeds", "scheduler"):
+    preset, pair_sets, baseline, preset_settings, kind, margin = _pair_sets(args, file_values)
+    margin = _margin(args, file_values, margin, args.config or "command line")
+    for key in ("pair_sets", "pairs", "preset", "baseline", "seeds", "scheduler", "margin"):
         file_values.pop(key, None)
     flags = {
         **run_flags(args),
@@ -93,7 +101,7 @@ def build_spec(args: argparse.Namespace) -> tuple[AblationSpec, bool]:
     )
     out = Path(args.out or DEFAULT_ABLATION_OUT).resolve()
     uri = args.tracking_uri or tracking.default_tracking_uri(out)
-    race = _race_settings(args, preset, baseline)
+    race = _race_settings(args, preset, baseline, margin)
     seeds = race.start_seeds if race else (args.seeds if args.seeds is not None else 1)
     first = _first_seed(args)
     return AblationSpec(
@@ -147,8 +155,23 @@ def _first_seed(args: argparse.Namespace) -> int:
     return first
 
 
+def _margin(
+    args: argparse.Namespace, file_values: dict[str, Any], preset_margin: float | None, source
+) -> float:
+    """--margin, else the config file's ``margin:``, else the preset's, else the default."""
+    value = getattr(args, "margin", None)
+    if value is None:
+        value = file_values.get("margin", preset_margin)
+    if value is None:
+        return DEFAULT_MARGIN
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        where = "--margin" if getattr(args, "margin", None) is not None else f"{source}: margin"
+        raise InputError(f"{where}: expected a positive gain in rsum, got {value!r}")
+    return float(value)
+
+
 def _race_settings(
-    args: argparse.Namespace, preset: str, baseline: str | None
+    args: argparse.Namespace, preset: str, baseline: str | None, margin: float = 6.0
 ) -> RaceSettings | None:
     """``--race`` / ``--seeds`` / ``--max-seeds`` as RaceSettings (None without --race); a
     one-line InputError for a combination that cannot race."""
@@ -157,6 +180,8 @@ def _race_settings(
     if not race:
         if max_seeds is not None:
             raise InputError("--max-seeds: only with --race (a plain ablation runs --seeds)")
+        if getattr(args, "spending", None) is not None:
+            raise InputError("--spending: only with --race (a plain ablation has one look)")
         return None
     if baseline is None:
         raise InputError(
@@ -176,8 +201,9 @@ def _race_settings(
             f"--max-seeds {maximum} is below --seeds {start}: every cell starts with --seeds"
         )
     return RaceSettings(
-        start_seeds=start, max_seeds=maximum, first_seed=_first_seed(args), metric="rsum"
-    )
+        start_seeds=start, max_seeds=maximum, first_seed=_first_seed(args), metric="rsum",
+        margin=margin, spending=getattr(args, "spending", None) or DEFAULT_SPENDING,
+    )  # fmt: skip
 
 
 def print_trials(spec: AblationSpec) -> None:
@@ -356,21 +382,35 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         "--race",
         action="store_true",
         help="seed racing (needs a baseline): round 1 runs every pair set at --seeds seeds; "
-        "after each round a cell leaves the race once its verdict is settled: 'worse' than "
-        "the baseline; futile (with the mean gain and spread its seeds show it would not be "
-        "significant even at --max-seeds); or 'better' but not the best (its 95%% interval "
-        "lies below the leader's, the leader beats it seed for seed (paired t-test, Holm), or "
-        "F-Race's Friedman/Conover test over seeds ranks it out). "
-        "The open cells and the baseline get one more seed, until it is settled or "
-        "--max-seeds. Each round is a Tune "
-        "run <name>-round<k> in the one MLflow experiment <name>; trials already FINISHED "
-        "there are skipped, so re-running or --resume finishes an interrupted race",
+        "after each round a cell leaves the race once it is decided, better or worse than "
+        "the baseline or equivalent to it (its gain's interval inside +-margin), by one test "
+        "that carries both training and eval-set noise. Every round is a look the error rate "
+        "is spent over (group-sequential boundaries), so early decisions keep the stated "
+        "rate. Open cells and the baseline get one more seed, until all are decided or "
+        "--max-seeds; a cell open then is reported open. Each round is a Tune run "
+        "<name>-round<k> in the one MLflow experiment <name>; trials already FINISHED there "
+        "are skipped, so re-running or --resume finishes an interrupted race",
     )
     group.add_argument(
         "--max-seeds",
         type=int,
         help=f"--race: no cell runs more seeds than M (default {RACE_MAX_SEEDS}; at least "
-        "--seeds); the race reports its trial-steps against the full grid at M seeds",
+        "--seeds); the race's looks are planned from --seeds to M and cannot change once it "
+        "has run; it reports its trial-steps against the full grid at M seeds",
+    )
+    group.add_argument(
+        "--margin",
+        type=float,
+        metavar="D",
+        help="equivalence margin in rsum: a cell whose gain lies within +-D is 'equivalent' "
+        f"(no practical difference; default: the preset's, else {DEFAULT_MARGIN:g}, one "
+        "point of mean recall); recorded on the experiment",
+    )
+    group.add_argument(
+        "--spending",
+        choices=SPENDING,
+        help=f"--race: how the error rate is spent over the looks (default "
+        f"{DEFAULT_SPENDING}: O'Brien-Fleming type, little early; pocock: evenly)",
     )
     group.add_argument(
         "--scheduler",
@@ -439,11 +479,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole chain on the built-in data with small settings",
         description="Built-in data -> teacher (trained once, cached) -> teacher cache -> the "
-        "demo preset -> table + heatmap + best. Prints where everything is.",
+        "demo preset raced seed by seed until every cell is better, worse or equivalent "
+        "(or --max-seeds) -> table + heatmap + best. Prints where everything is.",
     )
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--home", help="where built-in data and teachers are kept")
     demo.add_argument("--preset", default="demo")
+    demo.add_argument(
+        "--max-seeds",
+        type=int,
+        default=DEMO_MAX_SEEDS,
+        help=f"the race's most seeds per cell (default {DEMO_MAX_SEEDS})",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -463,9 +510,10 @@ def _demo(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser()
     add_ablation_flags(parser)
     ablate_args = parser.parse_args(
-        ["--preset", args.preset, "--out", args.out, "--name", default_name(args.preset)]
+        ["--preset", args.preset, "--out", args.out, "--name", default_name(args.preset),
+         "--race", "--seeds", str(DEMO_START_SEEDS), "--max-seeds", str(args.max_seeds)]
         + (["--home", args.home] if args.home else [])
-    )
+    )  # fmt: skip
     ablate_args.dry_run = ablate_args.resume = False
     ablate_args.address = None
     spec, use_cache = build_spec(ablate_args)
@@ -476,8 +524,8 @@ def _demo(args: argparse.Namespace) -> int:
         description=describe(spec, getattr(args, "argv", None) or ["demo"]),
     )
     spec = _resolve_around_ray(spec, workspace_of(ablate_args), use_cache, None)
-    _say(f"demo: {spec.trial_count} trials of preset {spec.preset}")
-    code = summarize(run_ablation(spec), spec)
+    _say(f"demo: preset {spec.preset} raced from {DEMO_START_SEEDS} to {args.max_seeds} seeds")
+    code = _race(spec)
     if code == EXIT_INTERRUPTED:  # no verdict from trials that did not run
         return code
     out = Path(args.out)
@@ -499,8 +547,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"MLflow:  {spec.tracking_uri}")
     print("next:")
     print(f"  {ui:<58} # the MLflow UI on these runs, http://127.0.0.1:5000")
-    race = f"{conaclip} ablate --preset {args.preset} --race --out {out}-race"
-    print(f"  {race:<58} # seeds until the verdict settles")
+    full = f"{conaclip} ablate --preset single_additions --race --out {out}-full"
+    print(f"  {full:<58} # the paper's whole table, raced")
     return code
 
 

@@ -19,7 +19,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.config import Workspace
+from orchestrator.sequential import DEFAULT_SPENDING, Design
 from orchestrator.trial import ScalingSpec
+from orchestrator.verdicts import DEFAULT_MARGIN
 from search_spaces.presets import PairSet, check_unique_sets
 from trainers.errors import InputError
 from trainers.run_config import DistillConfig, PairConfig
@@ -36,6 +38,16 @@ class RaceSettings(BaseModel):
     max_seeds: int = Field(default=5, ge=1, description="no cell runs more seeds than this (M)")
     first_seed: int = Field(default=0, ge=0, description="the race's seeds count up from this")
     metric: str = "rsum"
+    margin: float = Field(
+        default=DEFAULT_MARGIN, gt=0, description="equivalence margin D in the metric's units"
+    )
+    spending: Literal["obf", "pocock"] = Field(
+        default=DEFAULT_SPENDING, description="how the error rate is spent over the looks"
+    )
+
+    def design(self) -> Design:
+        """The looks this race plans (``Design.race``)."""
+        return Design.race(self.start_seeds, self.max_seeds, self.spending)
 
     @model_validator(mode="after")
     def _max_covers_start(self) -> RaceSettings:

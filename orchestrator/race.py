@@ -1,13 +1,17 @@
 """Seed racing (F-Race style): spend seeds only on the cells whose verdict is still open.
 
 Round 1 runs every cell (pair set) and the baseline with seeds ``S..S+K0-1`` (``--first-seed``
-S, default 0). After each round the
-decision rules of ``orchestrator.race_rules`` (``decide``) keep or drop each active cell on the
-strategy-selection table of the runs so far; this module is the ledger and the loop around them.
+S, default 0). After each round the decision rules of ``orchestrator.race_rules`` (``decide``)
+keep or drop each active cell on the strategy-selection table of the runs so far, built with
+the race's ``Design`` (its planned looks, K0..M seeds): every look is a test, and the table's
+sequential p-values spend the error rate over the planned looks, so a verdict taken at round 2
+is as sound as one taken at M. This module is the ledger and the loop around them.
 
-The next round adds one seed to every kept cell and to the baseline (gains are paired with the
-same-seed baseline, so the baseline runs every seed any cell runs). The race stops when it is
-settled or when the cells reach ``--max-seeds`` (M).
+The next round adds one seed to every open cell and to the baseline (gains are paired with the
+same-seed baseline, so the baseline runs every seed any cell runs). The race stops when every
+cell is decided or when the cells reach ``--max-seeds`` (M). The design, margin and seeds are
+recorded on the MLflow experiment (``tracking.record_race``), so `conaclip table` of a race
+gives the race's own verdicts and a resume cannot quietly change the looks.
 
 MLflow is the ledger: a round launches only the (pair set, seed) trials that have no FINISHED run
 in the experiment yet, and each round's decision is taken on the runs the race itself asked
@@ -28,9 +32,9 @@ import pandas as pd
 
 # The decision rules, re-exported: callers read a race as one module (race.decide, ...).
 from orchestrator.race_rules import RaceStep, RaceVerdict, decide, verdict_of
-from orchestrator.race_rules import behind_leader as behind_leader
 from orchestrator.race_rules import leader_of as leader_of
-from orchestrator.race_rules import ranked_seeds as ranked_seeds
+from orchestrator.sequential import DEFAULT_SPENDING, Design
+from orchestrator.verdicts import DEFAULT_MARGIN
 from trainers.errors import InputError
 
 # A TrialOutcome's status (orchestrator.ablation); INTERRUPTED: Ctrl-C stopped its Tune run.
@@ -113,7 +117,6 @@ def _round_dict(r: RaceRound) -> dict[str, Any]:
         "leader": r.step.leader,
         "stop": r.step.stop,
         "reason": r.step.reason,
-        "ranking": r.step.ranking,
     }
 
 
@@ -185,13 +188,20 @@ def check_ledger(runs: pd.DataFrame, expected: dict[str, str], steps: int) -> No
 
 
 def race_table(
-    runs: pd.DataFrame, metric: str, ranks: Mapping[str, Any] | None = None
+    runs: pd.DataFrame,
+    metric: str,
+    ranks: Mapping[str, Any] | None = None,
+    design: Design | None = None,
+    first_seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
 ) -> pd.DataFrame:
-    """``selection_table`` of ``runs``; ``ranks`` (``{run_id: eval ranks}``) feeds its bootstrap
-    over eval queries (None: bootstrap columns NaN, so no verdict leaves ``open``)."""
+    """``selection_table`` of ``runs`` under the race's ``design``; ``ranks`` (``{run_id:
+    eval ranks}``) feeds its bootstrap over eval queries (None: no cell can leave ``open``)."""
     from orchestrator import table
 
-    return table.selection_table(runs, metric, ranks=ranks)
+    return table.selection_table(
+        runs, metric, ranks=ranks, margin=margin, design=design, first_seed=first_seed
+    )
 
 
 class RanksCache:
@@ -232,7 +242,6 @@ def round_line(r: RaceRound, cells_total: int) -> str:
         f"{r.first_seed}..{r.first_seed + r.seeds - 1} "
         f"per cell; active ({len(r.step.kept)}/{cells_total}): {kept}; dropped: {dropped}; "
         f"leader {r.step.leader}; {r.step.reason}"
-        + (f"; F-Race: {r.step.ranking}" if r.step.ranking else "")
     )
 
 
@@ -247,8 +256,9 @@ def race_loop(
     steps: int = 0,
     ranks: Callable[[pd.DataFrame], Mapping[str, Any]] | None = None,
     say: Callable[[str], None] = _say,
-    futility: str = "uncorrected",
     first_seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
+    spending: str = DEFAULT_SPENDING,
 ) -> RaceResult:
     """Race ``cells`` against ``baseline`` from ``start_seeds`` to at most ``max_seeds`` seeds.
 
@@ -257,13 +267,14 @@ def race_loop(
     invocation), decide (``decide``) on ``visible_runs``, say one line (``round_line``).
     ``launch`` None replays: every planned trial must already be in ``read_runs()``
     (InputError naming the first one missing). ``steps`` (per trial) only feeds the accounting.
-    ``futility``: the futility rule of ``decide`` (``race_rules.FUTILITY_RULES``); a race for
-    real always uses the default, the other is for replays. ``first_seed``: the race's seeds
-    are ``first_seed``, ``first_seed + 1``, ... (another race's seeds in the same experiment are
-    not read).
+    ``first_seed``: the race's seeds are ``first_seed``, ``first_seed + 1``, ... (another
+    race's seeds in the same experiment are not read). ``margin`` and ``spending``: the
+    equivalence margin and the spending function of the race's design
+    (``Design.race(start_seeds, max_seeds, spending)``).
     """
     if start_seeds < 1 or max_seeds < start_seeds:
         raise InputError(f"race: need 1 <= --seeds ({start_seeds}) <= --max-seeds ({max_seeds})")
+    design = Design.race(start_seeds, max_seeds, spending)
     active = [c for c in cells if c != baseline]
     result = RaceResult(baseline, tuple(active), metric, max_seeds, steps)
     limits: dict[str, int] = {}
@@ -291,8 +302,10 @@ def race_loop(
                 return result
             runs = read_runs()
         visible = visible_runs(runs, limits, first_seed)
-        table = race_table(visible, metric, ranks(visible) if ranks else None)
-        step = decide(table, active, seeds, max_seeds, metric, futility=futility)
+        table = race_table(
+            visible, metric, ranks(visible) if ranks else None, design, first_seed, margin
+        )
+        step = decide(table, active, seeds, max_seeds, metric)
         result.rounds.append(RaceRound(number, seeds, plan, missing, step, first_seed))
         say(round_line(result.rounds[-1], len(result.cells)))
         active = list(step.kept)
@@ -312,14 +325,17 @@ def verdict_lines(result: RaceResult) -> list[str]:
     elif verdict.leader == result.baseline:
         winner = "none (the baseline leads: no addition beats it)"
     elif verdict.leader in verdict.better:
-        winner = f"none (the leader {verdict.leader} is not told apart from every rival)"
+        winner = f"none (the leader {verdict.leader} is not told apart from every better cell)"
+    elif verdict.leader is None:
+        winner = "none"
     else:
-        winner = f"none (the leader {verdict.leader} is not yet better than the baseline)"
+        winner = f"none (the leader {verdict.leader} is not better than the baseline)"
     share = result.spent_steps / result.full_steps if result.full_steps else math.nan
     return [
         f"race verdict ({result.metric}, {len(result.rounds)} round(s), up to {last.seeds} "
         f"seeds): winner {winner}; better: {', '.join(verdict.better) or '-'}; "
-        f"worse: {', '.join(verdict.worse) or '-'}",
+        f"worse: {', '.join(verdict.worse) or '-'}; equivalent: "
+        f"{', '.join(verdict.equivalent) or '-'}; open: {', '.join(verdict.open) or '-'}",
         f"race spent {len(result.asked)} trials = {result.spent_steps} trial-steps vs "
         f"{result.full_steps} for the full grid ({len(result.cells) + 1} pair sets x "
         f"{result.max_seeds} seeds): {share:.0%}",
@@ -348,6 +364,7 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
         return tracking.runs_frame(spec.tracking_uri, spec.experiment_name)
 
     check_ledger(read_runs(), spec.pair_keys(), spec.run.steps)
+    tracking.record_race(spec.tracking_uri, spec.experiment_name, settings)
 
     def launch(number: int, trials: list[Trial]) -> list[Any]:
         return _launch_round(spec, number, trials, run_ablation, read_runs)
@@ -355,7 +372,8 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     return race_loop(
         spec.baseline, cells, settings.start_seeds, settings.max_seeds, read_runs, launch,
         metric=settings.metric, steps=spec.run.steps, ranks=RanksCache(spec.tracking_uri),
-        say=say, first_seed=settings.first_seed,
+        say=say, first_seed=settings.first_seed, margin=settings.margin,
+        spending=settings.spending,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from orchestrator import reports, stats, table_format
 from orchestrator.ablation import outcome_summary
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
+from orchestrator.verdicts import DEFAULT_MARGIN
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,14 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
         help=f"level of the better/worse verdict ({defaults.alpha})",
     )
     parser.add_argument(
+        "--margin",
+        type=float,
+        metavar="D",
+        help="equivalence margin in the metric's units: a cell whose gain's 95%% interval "
+        f"lies inside +-D is 'equivalent' (default: the race's own margin, else "
+        f"{DEFAULT_MARGIN:g} rsum, one point of mean recall)",
+    )
+    parser.add_argument(
         "--n-boot",
         type=int,
         default=defaults.n_boot,
@@ -69,10 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "table",
         help="the strategy-selection table read from MLflow",
         description="One row per pair set: the metric's mean with a 95% interval over seeds, "
-        "the gain over the baseline paired by seed with intervals over seeds (training noise) "
-        "and over eval queries (bootstrap), adjusted p-values and a verdict (better / worse / "
-        "open). Prints the table, writes it with a heatmap PNG (learning type x strategy) "
-        "under DIR/reports/<experiment>/ and logs both to MLflow.",
+        "the gain over the baseline paired by seed with its interval over seeds (training "
+        "noise) and over seeds and eval set together (one test for both noises), p-values "
+        "for 'differs' and 'within +-margin' adjusted in one family, and a verdict: better, "
+        "worse, equivalent or open. A race's experiment is read with the race's own looks. "
+        "Prints the table, writes it with a heatmap PNG (learning type x strategy) under "
+        "DIR/reports/<experiment>/ and logs both to MLflow with the margin.",
     )
     add_source_flags(table_parser)
     table_parser.add_argument(
@@ -83,8 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best = subparsers.add_parser(
         "best",
         help="the winning pair set and the combined recipe",
-        description="Print the pair set that is significantly better than the baseline (or "
-        "say that none is, with the leading candidate and what would settle it) and the "
+        description="Print the pair set that is better than the baseline and ahead of every "
+        "other better pair set by the same test (or say that none is, naming the cells it "
+        "cannot separate or the leading candidate and what would settle it) and the "
         "combined recipe (the baseline plus every single addition whose verdict is better) "
         "as YAML for `conaclip ablate --config`; also written to "
         "DIR/reports/<experiment>/recipe.yaml.",
@@ -103,7 +115,9 @@ def _source(args: argparse.Namespace) -> reports.ReportSource:
 
 
 def _options(args: argparse.Namespace) -> reports.TableOptions:
-    return reports.TableOptions(args.metric, args.correction, args.alpha, args.n_boot)
+    return reports.TableOptions(
+        args.metric, args.correction, args.alpha, args.n_boot, getattr(args, "margin", None)
+    )
 
 
 def _notes(notes: tuple[str, ...]) -> None:

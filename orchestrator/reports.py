@@ -20,6 +20,8 @@ from orchestrator import heatmap, run_params, selection, stats, table, table_for
 from orchestrator.ablation import AblationOutcome
 from orchestrator.ablation_spec import AblationSpec, pair_sets_by_name
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
+from orchestrator.sequential import Design
+from orchestrator.verdicts import DEFAULT_MARGIN
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
@@ -37,12 +39,15 @@ class ReportSource:
 @dataclass(frozen=True)
 class TableOptions:
     """How pair sets are compared: by ``metric``, with ``correction`` across the table's rows
-    at level ``alpha`` and ``n_boot`` bootstrap resamples of the eval queries."""
+    at level ``alpha``, ``n_boot`` bootstrap resamples of the eval queries and the
+    equivalence ``margin`` (None: the margin a race recorded on the experiment, else
+    ``verdicts.DEFAULT_MARGIN``)."""
 
     metric: str = "rsum"
     correction: str = "holm"
     alpha: float = 0.05
     n_boot: int = stats.DEFAULT_N_BOOT
+    margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,22 @@ def read_selection(source: ReportSource, options: TableOptions) -> Selection:
 
 
 def _selection_of(runs: pd.DataFrame, options: TableOptions) -> Selection:
+    """The table of ``runs``; for a race's experiment, under the race's design (its looks,
+    first seed and margin), so the table gives the verdicts the race took."""
     ranks = table.load_ranks(runs.attrs["tracking_uri"], runs)
+    race = tracking.race_of(runs)
+    notes: list[str] = []
+    design, first_seed, margin = None, 0, options.margin
+    if race is not None:
+        design = Design.race(race["start_seeds"], race["max_seeds"], race["spending"])
+        first_seed = int(race["first_seed"])
+        if margin is None:
+            margin = float(race["margin"])
+        elif margin != float(race["margin"]):
+            notes.append(
+                f"the race decided its cells at margin ±{race['margin']:g}; this table uses "
+                f"±{margin:g}, so its equivalent verdicts are not the race's"
+            )
     result = table.selection_table(
         runs,
         options.metric,
@@ -110,9 +130,12 @@ def _selection_of(runs: pd.DataFrame, options: TableOptions) -> Selection:
         correction=options.correction,
         alpha=options.alpha,
         n_boot=options.n_boot,
+        margin=DEFAULT_MARGIN if margin is None else margin,
+        design=design,
+        first_seed=first_seed,
     )
     note = result.attrs.get("boot_note")
-    return Selection(runs, result, (note,) if note else ())
+    return Selection(runs, result, (*notes, *((note,) if note else ())))
 
 
 def table_report(source: ReportSource, options: TableOptions, fmt: str = "md") -> TableReport:
@@ -134,6 +157,7 @@ def table_report(source: ReportSource, options: TableOptions, fmt: str = "md") -
     for path in written:
         tracking.log_summary_artifact(chosen.tracking_uri, experiment, path)
         notes.append(f"wrote {path} (logged to MLflow)")
+    tracking.record_margin(chosen.tracking_uri, experiment, result.attrs["margin"])
     return TableReport(text, tuple(written), tuple(notes))
 
 
@@ -170,7 +194,8 @@ def _numbers(row: pd.Series, metric: str) -> list[str]:
         lines.append(f"  {metric}: {mean_ci(metric)}  {boot}")
     if not row["is_baseline"]:
         lines.append(f"  gain vs baseline (paired by seed): {selection.gain_text(row, metric)}")
-        lines.append(f"  verdict: {row['verdict']} ({selection.p_text(row)})")
+        note = f"; {row['verdict_note']}" if row.get("verdict_note") else ""
+        lines.append(f"  verdict: {row['verdict']} ({selection.p_text(row)}{note})")
     return lines
 
 
@@ -180,12 +205,15 @@ def _choice_lines(result: pd.DataFrame, metric: str) -> list[str]:
         return [
             f"best pair set by {metric}: {choice.winner['pair_set']}",
             *_numbers(choice.winner, metric),
-            f"  significant: both adjusted p below {result.attrs['alpha']} "
-            f"({result.attrs['correction']} across the table's rows)"
-            f"{choice.rivals}",
+            f"  why: {choice.reason}",
         ]
+    headline = (
+        "none stands out among the better rows"
+        if choice.rivals
+        else "none is significantly better than the baseline"
+    )
     lines = [
-        f"best pair set by {metric}: none is significantly better than the baseline",
+        f"best pair set by {metric}: {headline}",
         choice.reason[0].upper() + choice.reason[1:],
     ]
     if choice.leading is not None:
@@ -203,6 +231,9 @@ def best_report(source: ReportSource, options: TableOptions) -> BestReport:
     if result.attrs.get("baseline") is None:
         note = "no baseline run in this experiment: no combined recipe"
         return BestReport("\n".join(lines) + "\n", chosen, None, (*chosen.notes, note))
+    opened = selection.open_rows_text(result)
+    if opened:
+        lines += ["", *opened]
     recipe = selection.combined_recipe(result, options.metric)
     text = selection.recipe_yaml(recipe, selection.common_settings(runs, list(recipe.pairs)))
     folder = report_dir(source.out, chosen.experiment)

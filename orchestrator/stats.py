@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -83,74 +82,6 @@ def projected_p(mean: float, std: float, n: int) -> float:
         return 1.0 if mean == 0.0 else 0.0
     t = mean / (std / np.sqrt(n))
     return float(2 * scipy_stats.t.sf(abs(t), n - 1))
-
-
-def seeds_needed(
-    gain_mean: float,
-    gain_std: float,
-    alpha: float = 0.05,
-    family: int = 1,
-    max_seeds: int = 20,
-) -> int | None:
-    """Smallest number of seeds n >= 2 at which a gain of ``gain_mean`` with per-seed spread
-    ``gain_std`` (same units) would clear a two-sided t-test at ``alpha / family`` (the
-    Bonferroni bound of Holm's first step, so conservative), i.e. ``t_{1-a/2, n-1} * std /
-    sqrt(n) < |mean|``. A planning guess that takes the observed mean and std as true, not a
-    guarantee. None when it needs more than ``max_seeds`` or the inputs are not finite."""
-    if not (np.isfinite(gain_mean) and np.isfinite(gain_std)) or gain_mean == 0:
-        return None
-    level = alpha / max(family, 1)
-    for n in range(2, max_seeds + 1):
-        half = float(scipy_stats.t.ppf(1 - level / 2, n - 1)) * gain_std / np.sqrt(n)
-        if half < abs(gain_mean):
-            return n
-    return None
-
-
-@dataclass(frozen=True)
-class FriedmanResult:
-    """Friedman's test over blocks and Conover's pairwise comparison of rank sums.
-
-    ``rank_sums[j]``: the sum over blocks of treatment j's within-block rank (1 = lowest value,
-    ties get the mean rank); ``statistic``: Friedman's T with the tie correction (chi-square,
-    k - 1 df under the null); ``p``: its upper tail; ``critical_difference``: two treatments
-    differ at the test's level when their rank sums differ by more than this (NaN when it is
-    undefined: one block, one treatment, or every block tied throughout)."""
-
-    rank_sums: np.ndarray
-    statistic: float
-    p: float
-    critical_difference: float
-
-
-def friedman_conover(values: ArrayLike, alpha: float = 0.05) -> FriedmanResult:
-    """Friedman's test on ``values`` (shape ``(k treatments, n blocks)``, no NaN) and Conover's
-    post-hoc critical difference of rank sums, the test F-Race runs each round.
-
-    With ranks r_ij within each block, R_j = sum_i r_ij, A = sum r_ij^2 and
-    C = n k (k+1)^2 / 4: T = (k-1) (sum_j R_j^2 - n C) / (A - C), and two treatments differ when
-    |R_i - R_j| > t_{1-alpha/2, (n-1)(k-1)} sqrt(2 n (A - C) / ((n-1)(k-1)) * (1 - T / (n (k-1))))
-    (Conover, Practical Nonparametric Statistics, 3rd ed., 5.8). The comparison borrows its
-    variance from every treatment's ranks, so with k treatments it has (n-1)(k-1) degrees of
-    freedom even at n = 2 blocks, where a paired t-test of two treatments has one."""
-    x = np.asarray(values, dtype=float)
-    if x.ndim != 2 or np.isnan(x).any():
-        raise ValueError("friedman_conover: expected a (treatments, blocks) array without NaN")
-    k, n = x.shape
-    ranks = np.apply_along_axis(scipy_stats.rankdata, 0, x)
-    rank_sums = ranks.sum(axis=1)
-    if k < 2 or n < 2:
-        return FriedmanResult(rank_sums, np.nan, np.nan, np.nan)
-    a = float((ranks**2).sum())
-    c = n * k * (k + 1) ** 2 / 4
-    if a == c:  # every block ties every treatment: no ordering at all
-        return FriedmanResult(rank_sums, 0.0, 1.0, np.nan)
-    statistic = (k - 1) * (float((rank_sums**2).sum()) - n * c) / (a - c)
-    p = float(scipy_stats.chi2.sf(statistic, k - 1))
-    df = (n - 1) * (k - 1)
-    spread = 2 * n * (a - c) / df * (1 - statistic / (n * (k - 1)))
-    critical = float(scipy_stats.t.ppf(1 - alpha / 2, df)) * float(np.sqrt(max(spread, 0.0)))
-    return FriedmanResult(rank_sums, float(statistic), p, critical)
 
 
 def _finite(values: ArrayLike) -> np.ndarray:

@@ -11,9 +11,11 @@ Statistics use FINISHED runs only (a failed or running trial's last values are n
   eval images from each run's ``eval_ranks.npz``, one shared draw for all runs, so every
   comparison is paired query by query.
 
-p-values are adjusted across the table's non-baseline rows (Holm by default, or
-Benjamini-Hochberg), and a row's verdict is "better" / "worse" only when its paired gain
-survives both noises at ``alpha`` with at least two seeds.
+Both are shown, and one test carries both (``orchestrator.table_verdict``: the seed spread plus
+the cross-seed covariance of the bootstrap gains): its p-values, for "differs from the
+baseline" and for "lies within +-margin of it", share one family over the table's
+non-baseline rows (Holm with Shaffer's restriction, or Benjamini-Hochberg), and give each row
+its verdict: better, worse, equivalent or open.
 
 The bootstrap's cells are ``orchestrator.table_bootstrap``; the table as text is
 ``orchestrator.table_format``, its single additions as a heatmap ``orchestrator.heatmap``.
@@ -29,14 +31,16 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import stats
+from orchestrator.sequential import Design
 from orchestrator.table_bootstrap import BOOT_COLUMNS, TableBootstrap
+from orchestrator.table_verdict import VERDICT_COLUMNS, PairedCell, verdict_columns
+from orchestrator.verdicts import DEFAULT_MARGIN
 from search_spaces.presets import PairSet
 from trainers.errors import InputError
 from trainers.run_config import pair_text
 
 RECALLS = ("t2i_R1", "t2i_R5", "t2i_R10", "i2t_R1", "i2t_R5", "i2t_R10", "rsum")
 FINISHED = "FINISHED"
-VERDICTS = ("baseline", "better", "worse", "open")
 GAIN_COLUMNS = ("gain_n", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "p_seed")
 CONFIDENCE = 0.95  # every interval in the table is 95%
 
@@ -106,13 +110,19 @@ def selection_table(
     alpha: float = 0.05,
     n_boot: int = stats.DEFAULT_N_BOOT,
     boot_seed: int = stats.DEFAULT_BOOT_SEED,
+    margin: float = DEFAULT_MARGIN,
+    design: Design | None = None,
+    first_seed: int = 0,
 ) -> pd.DataFrame:
     """One row per pair set (``params.pair_set`` x ``params.pairs``) of ``runs_frame`` output.
 
     ``ranks``: ``{run_id: eval ranks}`` (``load_ranks``) for the bootstrap over eval queries;
-    None gives NaN bootstrap columns. ``correction``: "holm" (family-wise) or "bh" (false
-    discovery rate) across the non-baseline rows; ``alpha``: the level of the verdict;
-    ``n_boot`` resamples drawn with ``numpy.random.default_rng(boot_seed)``.
+    None gives NaN bootstrap columns (and no verdict). ``correction``: "holm" (family-wise)
+    or "bh" (false discovery rate) across the non-baseline rows; ``alpha``: the level of the
+    verdict; ``n_boot`` resamples drawn with ``numpy.random.default_rng(boot_seed)``;
+    ``margin``: the equivalence margin D (the metric's units); ``design``: the looks of a
+    race (seed counts from ``first_seed``), None for a fixed grid (one look at each cell's
+    own seeds).
 
     Columns (n = the cell's finished runs; intervals 95%):
 
@@ -132,15 +142,23 @@ def selection_table(
     - ``boot_low, boot_high`` (the mean over the cell's seeds), ``boot_gain_low,
       boot_gain_high, p_boot`` (the mean paired gain): the bootstrap over eval queries, only
       for metrics in ``stats.RANK_METRICS``, NaN where a run lacks usable ranks;
-    - ``p_seed_adj, p_boot_adj``: adjusted by ``correction``, each family separately, NaN
-      p-values not members;
-    - ``verdict``: "baseline"; "better" / "worse" when gain_n >= 2, the sign of gain_mean and
-      both adjusted p < alpha; "open" otherwise;
+    - ``<metric>_boot_by_seed``: ``{seed: B resampled values}`` of the cell's finished runs
+      (the shared draw; empty without ranks): what pairwise comparisons of rows read;
+    - the test of both noises at the cell's last look: ``gain_se`` (sqrt of seed part + eval
+      part), ``gain_low, gain_high`` (95%), ``eval_share`` (the eval set's share of the
+      variance), ``p_diff`` ("gain = 0", two-sided), ``p_equiv`` ("|gain| >= margin", TOST);
+      ``p_diff_seq, p_equiv_seq`` over the design's looks (equal to those for a fixed grid),
+      ``p_diff_adj, p_equiv_adj`` adjusted over the table's family, ``looks``;
+    - ``verdict``: "baseline"; "better" / "worse" when p_diff_adj < alpha (by the gain's
+      sign); "equivalent" when not and p_equiv_adj < alpha; "open" otherwise, always with
+      fewer than two seeds or without eval ranks; ``verdict_note``: why a row is open;
     - ``steps`` (the fewest training steps a finished run reached), ``runs``, ``status``.
 
     Rows: the baseline first, then by ``<metric>_mean`` descending. ``attrs``: ``metric``,
     ``baseline`` (its key or None), ``experiment``, ``correction``, ``alpha``, ``n_boot``,
-    ``boot_seed``, ``eval_set`` (what the bootstrap resampled, or None) and ``boot_note``
+    ``boot_seed``, ``margin``, ``design`` (its text), ``looks`` (a race's seed counts, or
+    None), ``first_seed``, ``eval_set`` (what the bootstrap resampled, or None) and
+    ``boot_note``
     (one line saying why bootstrap columns are NaN, or None). Runs without ``params.pairs``
     (not trials) are ignored.
     """
@@ -152,6 +170,8 @@ def selection_table(
         raise InputError(f"--alpha {alpha}: expected a level between 0 and 1")
     if n_boot < 1:
         raise InputError(f"--n-boot {n_boot}: expected at least 1 resample")
+    if not (margin > 0 and np.isfinite(margin)):
+        raise InputError(f"--margin {margin}: expected a positive gain ({metric} units)")
     column = f"metrics.{metric}"
     if "params.pairs" in runs:
         runs = runs[runs["params.pairs"].notna()]
@@ -177,6 +197,7 @@ def selection_table(
     base_seeds = _by_seed(base_done, column)
 
     rows = []
+    paired_cells: list[PairedCell | None] = []
     for name, pair_set, group, done, is_baseline in cells:
         added = _added(pair_set, baseline)
         row: dict[str, Any] = {
@@ -196,8 +217,18 @@ def selection_table(
         by_seed = _by_seed(done, column)
         row[f"{metric}_by_seed"] = {seed: value for seed, (_, value) in by_seed.items()}
         row.update(_gain_columns(by_seed, base_seeds, is_baseline))
-        paired = [(by_seed[s][0], base_seeds[s][0]) for s in _paired_seeds(by_seed, base_seeds)]
+        seeds = _paired_seeds(by_seed, base_seeds)
+        paired = [(by_seed[s][0], base_seeds[s][0]) for s in seeds]
+        row[f"{metric}_boot_by_seed"] = {
+            seed: boot.samples[run_id] for seed, (run_id, _) in by_seed.items()
+            if run_id in boot.samples
+        }  # fmt: skip
         row.update(boot.cell(list(done["run_id"].astype(str)), paired, is_baseline))
+        paired_cells.append(None if is_baseline else PairedCell(
+            tuple(seeds),
+            tuple(by_seed[s][1] - base_seeds[s][1] for s in seeds),
+            tuple(boot.paired_gain(a, b) for a, b in paired),
+        ))  # fmt: skip
         row["steps"] = _steps(done)
         row["runs"] = len(group)
         row["status"] = _status_text(group["_status"].tolist())
@@ -210,12 +241,11 @@ def selection_table(
     base_rows = table[table["is_baseline"]]
     base_mean = base_rows[f"{metric}_mean"].iloc[0] if len(base_rows) else np.nan
     table[f"delta_{metric}"] = table[f"{metric}_mean"] - base_mean
-    family = ~table["is_baseline"]
-    for p in ("p_seed", "p_boot"):
-        adjusted = np.full(len(table), np.nan)
-        adjusted[family.to_numpy()] = stats.adjust_pvalues(table.loc[family, p], correction)
-        table[f"{p}_adj"] = adjusted
-    table["verdict"] = [_verdict(row, alpha) for row in table.to_dict("records")]
+    judged = verdict_columns(table.to_dict("records"), paired_cells, design, first_seed, margin,
+                             alpha, correction, CONFIDENCE)  # fmt: skip
+    for column in VERDICT_COLUMNS:
+        table[column] = [row[column] for row in judged]
+    table["looks"] = table["looks"].astype("Int64")
     table = table.sort_values(
         by=["is_baseline", f"{metric}_mean"], ascending=[False, False], na_position="last"
     ).reset_index(drop=True)
@@ -223,8 +253,8 @@ def selection_table(
             "used_temperature"]  # fmt: skip
     per_metric = [f"{m}_{s}" for m in stat_metrics(metric)
                   for s in ("mean", "std", "ci_low", "ci_high")]  # fmt: skip
-    tail = [f"{metric}_by_seed", f"delta_{metric}", *GAIN_COLUMNS, *BOOT_COLUMNS,
-            "p_seed_adj", "p_boot_adj", "verdict", "steps", "runs", "status"]  # fmt: skip
+    tail = [f"{metric}_by_seed", f"{metric}_boot_by_seed", f"delta_{metric}", *GAIN_COLUMNS,
+            *BOOT_COLUMNS, *VERDICT_COLUMNS, "steps", "runs", "status"]  # fmt: skip
     table = table[[*head, *per_metric, *tail]]
     table.attrs.update(
         metric=metric,
@@ -234,6 +264,10 @@ def selection_table(
         alpha=alpha,
         n_boot=n_boot,
         boot_seed=boot_seed,
+        margin=margin,
+        design=design.text if design is not None else "fixed grid: one look at each cell's seeds",
+        looks=list(design.looks) if design is not None else None,
+        first_seed=first_seed,
         eval_set=boot.eval_set,
         boot_note=boot.note(),
     )
@@ -317,16 +351,3 @@ def _used_settings(pair_set: PairSet, baseline: PairSet | None, done: pd.DataFra
             if len(values):
                 used[field] = float(values.mean())
     return used
-
-
-def _verdict(row: Mapping[str, Any], alpha: float) -> str:
-    if row["is_baseline"]:
-        return "baseline"
-    if pd.isna(row["gain_n"]) or row["gain_n"] < 2:
-        return "open"  # one seed cannot tell a gain from training noise
-    significant = row["p_seed_adj"] < alpha and row["p_boot_adj"] < alpha
-    if significant and row["gain_mean"] > 0:
-        return "better"
-    if significant and row["gain_mean"] < 0:
-        return "worse"
-    return "open"

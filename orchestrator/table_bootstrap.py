@@ -88,6 +88,12 @@ class TableBootstrap:
             )
         return f"bootstrap over eval queries: {reasons} (their cells' bootstrap columns are NaN)"
 
+    def paired_gain(self, run_id: str, base_id: str) -> np.ndarray | None:
+        """The resampled gain run minus baseline run (length B), None when either lacks one."""
+        if run_id not in self.samples or base_id not in self.samples:
+            return None
+        return self.samples[run_id] - self.samples[base_id]
+
     def cell(
         self, run_ids: Sequence[str], pairs: Sequence[tuple[str, str]], is_baseline: bool
     ) -> dict[str, float]:

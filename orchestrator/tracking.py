@@ -48,6 +48,9 @@ PARENT_TAG = "mlflow.parentRunId"  # nests a trial's run under the ablation's ru
 EVAL_RANKS_ARTIFACT = "eval_ranks.npz"
 ABLATION_TAG = "conaclip.ablation_id"
 BASE_COLUMNS = ("run_id", "run_name", "experiment_id", "status", "start_time", "end_time")
+# A race's design on its experiment: the table of a race reads its looks from there.
+RACE_TAG = "conaclip.race"  # JSON: start_seeds, max_seeds, first_seed, spending, margin, metric
+MARGIN_TAG = "conaclip.margin"  # the equivalence margin the last table used
 # Database back ends MLflow accepts besides sqlite; they are checked by MLflow itself.
 _DB_SCHEMES = ("postgresql", "mysql", "mssql")
 
@@ -239,9 +242,48 @@ def runs_frame(tracking_uri: str, experiment: str | None = None) -> pd.DataFrame
             break
     frame = pd.DataFrame(rows, columns=None if rows else list(BASE_COLUMNS))
     frame.attrs.update(
-        experiment=found.name, experiment_id=found.experiment_id, tracking_uri=tracking_uri
+        experiment=found.name,
+        experiment_id=found.experiment_id,
+        tracking_uri=tracking_uri,
+        experiment_tags={k: v for k, v in found.tags.items() if k.startswith("conaclip.")},
     )
     return frame
+
+
+def record_race(tracking_uri: str, experiment: str, settings: Any) -> None:
+    """Store a race's settings (``RaceSettings``) on its experiment, or check them against
+    the ones stored: a race resumed with other looks, spending or margin would test its
+    earlier rounds against boundaries they were not taken under (InputError naming both)."""
+    keys = ("start_seeds", "max_seeds", "first_seed", "spending", "margin", "metric")
+    wanted = {key: getattr(settings, key) for key in keys}
+    found = find_experiment(tracking_uri, experiment)
+    stored = found.tags.get(RACE_TAG)
+    if stored is not None:
+        earlier = json.loads(stored)
+        if earlier != wanted:
+            differ = ", ".join(f"{k} {earlier.get(k)} (now {v})" for k, v in wanted.items()
+                               if earlier.get(k) != v)  # fmt: skip
+            raise InputError(
+                f"experiment {experiment}: this race was planned with {differ}; its looks "
+                "cannot change once it has run: race under another --name"
+            )
+        return
+    client(tracking_uri).set_experiment_tag(found.experiment_id, RACE_TAG, json.dumps(wanted))
+
+
+def race_of(runs: pd.DataFrame) -> dict[str, Any] | None:
+    """The race settings stored on the experiment of ``runs`` (``runs_frame`` output), None
+    for a plain grid."""
+    stored = runs.attrs.get("experiment_tags", {}).get(RACE_TAG)
+    return None if stored is None else json.loads(stored)
+
+
+def record_margin(tracking_uri: str, experiment: str, margin: float) -> None:
+    """The equivalence margin of the experiment's last table, beside the table it made."""
+    found = find_experiment(tracking_uri, experiment)
+    client(tracking_uri).set_experiment_tag(found.experiment_id, MARGIN_TAG, repr(float(margin)))
+    run_id = summary_run_id(tracking_uri, experiment)
+    client(tracking_uri).set_tag(run_id, MARGIN_TAG, repr(float(margin)))
 
 
 def summary_run_id(tracking_uri: str, experiment: str) -> str:

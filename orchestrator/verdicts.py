@@ -35,6 +35,10 @@ BASELINE, BETTER, WORSE, EQUIVALENT, OPEN = "baseline", "better", "worse", "equi
 VERDICTS = (BASELINE, BETTER, WORSE, EQUIVALENT, OPEN)
 DECIDED = (BETTER, WORSE, EQUIVALENT)
 DEFAULT_ALPHA = 0.05
+# The equivalence margin D, in rsum: a gain inside +-6 is less than one point of mean recall
+# (rsum sums six recalls), the smallest difference retrieval results are read as a change;
+# docs/method.md gives the argument and why the eval set must resolve well below it.
+DEFAULT_MARGIN = 6.0
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,40 @@ def family_verdicts(
 def leaves_race(verdict: str) -> bool:
     """A cell leaves a race once it is decided; an open one gets another seed."""
     return verdict in DECIDED
+
+
+@dataclass(frozen=True)
+class SeedsNeeded:
+    """A planning guess for an open cell: ``seeds`` at which a cell whose gain, spread over
+    seeds and eval-set variance stay what they are now would be decided (``decision``:
+    "differs" or "equivalent"), None when no number up to the cap decides it; ``eval_bound``
+    True when the eval-set variance alone keeps it open (more eval images, not more seeds)."""
+
+    seeds: int | None
+    decision: str | None
+    eval_bound: bool
+
+
+def seeds_to_decide(
+    mean: float,
+    seed_sd: float,
+    eval_var: float,
+    level: float,
+    margin: float,
+    max_seeds: int = 30,
+) -> SeedsNeeded:
+    """The fewest seeds n >= 2 at which the fixed-sample test (``GainTest``: tau = sd^2 / n,
+    C = ``eval_var``) rejects "gain = 0" or "|gain| >= margin" at ``level`` (e.g. alpha over
+    the family: Holm's first, strictest step). It takes the observed numbers as true, so it
+    is a guide, not a promise."""
+    if any(math.isnan(x) for x in (mean, seed_sd, eval_var)):
+        return SeedsNeeded(None, None, False)
+    for n in range(2, max_seeds + 1):
+        test = GainTest(n, mean, seed_sd**2 / n, eval_var)
+        if test.p_diff < level:
+            return SeedsNeeded(n, "differs", False)
+        if test.p_equiv(margin) < level:
+            return SeedsNeeded(n, "equivalent", False)
+    limit = GainTest(2, mean, 0.0, eval_var)  # infinitely many seeds: the eval part alone
+    bound = not (limit.p_diff < level or limit.p_equiv(margin) < level)
+    return SeedsNeeded(None, None, bound)

@@ -8,6 +8,7 @@ Fixed presets are YAML files beside this module (``search_spaces/<name>.yaml``):
     description: "..."
     baseline: baseline          # name of one of the pair sets, optional
     settings: {steps: 6}        # suggested run settings, optional (smoke, demo)
+    margin: 6                   # equivalence margin of the verdict (metric units), optional
     pair_sets:
       - name: baseline
         pairs: [intra_ts:infonce, "inter_ss:kl*0.5@0.05", {pair: intra_ts:sd, weight: 2}]
@@ -120,7 +121,8 @@ class Preset:
     """A named list of pair sets. ``baseline`` is the reference row of the table (one of
     ``pair_sets``) or None; ``settings`` suggests DistillConfig fields (steps, eval_every,
     batch_size, student) for smoke and demo and is empty otherwise. ``kind`` "greedy" means
-    ``pair_sets`` is round 1 and later rounds come from ``greedy_candidates``."""
+    ``pair_sets`` is round 1 and later rounds come from ``greedy_candidates``. ``margin``: the
+    equivalence margin its verdicts use (None: the project's default)."""
 
     name: str
     description: str
@@ -128,6 +130,7 @@ class Preset:
     baseline: PairSet | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     kind: PresetKind = "grid"
+    margin: float | None = None
 
 
 def _preset_files() -> dict[str, Any]:
@@ -290,7 +293,7 @@ def _one_pair(item: Any, source: str, field_name: str) -> PairConfig:
 
 
 def _preset_from_mapping(name: str, data: dict[str, Any], source: str) -> Preset:
-    known = {"description", "baseline", "settings", "pair_sets", "kind"}
+    known = {"description", "baseline", "settings", "pair_sets", "kind", "margin"}
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise InputError(f"{source}: unknown field {', '.join(unknown)}; known: {sorted(known)}")
@@ -311,5 +314,13 @@ def _preset_from_mapping(name: str, data: dict[str, Any], source: str) -> Preset
     kind = data.get("kind", "grid")
     if kind not in ("grid", "greedy"):
         raise InputError(f"{source}: kind: expected grid or greedy, got {kind!r}")
+    margin = data.get("margin")
+    if margin is not None and (
+        isinstance(margin, bool) or not isinstance(margin, int | float) or not margin > 0
+    ):
+        raise InputError(f"{source}: margin: expected a positive number, got {margin!r}")
     description = str(data.get("description") or name)
-    return Preset(name, description, tuple(sets), baseline, dict(settings), kind)
+    return Preset(
+        name, description, tuple(sets), baseline, dict(settings), kind,
+        None if margin is None else float(margin),
+    )  # fmt: skip

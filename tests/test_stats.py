@@ -90,16 +90,6 @@ def test_adjust_pvalues_empty_family_and_bad_method():
         stats.adjust_pvalues([0.1], "bonferroni")
 
 
-def test_seeds_needed_from_a_t_table():
-    # mean 8, std 8: need t_{0.975, n-1} < sqrt(n): n = 6: 2.571 > 2.449; n = 7: 2.447 < 2.646
-    assert stats.seeds_needed(8.0, 8.0) == 7
-    assert stats.seeds_needed(-8.0, 8.0) == 7  # the sign does not matter
-    # alpha / 4 = 0.0125 needs more seeds than alpha
-    assert stats.seeds_needed(8.0, 8.0, family=4) > 7
-    assert stats.seeds_needed(1.0, 100.0) is None  # more than 20
-    assert stats.seeds_needed(1.0, np.nan) is None
-
-
 def ranks_of(t2i, i2t, text_to_image) -> dict[str, np.ndarray]:
     return {
         "t2i_rank": np.asarray(t2i, dtype=np.int64),
@@ -118,44 +108,6 @@ TIED = {
     "i2t_ties": np.array([0, 5, 2]),
     "i2t_own": np.array([2, 1, 2]),
 }
-
-
-def test_friedman_conover_by_hand():
-    # 3 treatments x 4 blocks. Ranks per block: a 3,3,3,3 (R 12); b 2,2,2,1 (R 7);
-    # c 1,1,1,2 (R 5). A = 36 + 13 + 7 = 56, C = n k (k+1)^2 / 4 = 4*3*16/4 = 48,
-    # T = (k-1)(sum R^2 - n C)/(A - C) = 2 * (218 - 192) / 8 = 6.5, p = exp(-6.5 / 2);
-    # df = (n-1)(k-1) = 6, spread = 2n(A-C)/df * (1 - T/(n(k-1))) = 64/6 * 0.1875 = 2,
-    # critical difference = t_{0.975, 6} * sqrt(2) = 2.446912 * 1.414214 = 3.460462.
-    values = [[10.0, 8.0, 9.5, 7.0], [5.0, 6.0, 7.0, 1.0], [1.0, 2.0, 3.0, 4.0]]
-    result = stats.friedman_conover(values)
-    assert result.rank_sums.tolist() == [12.0, 7.0, 5.0]
-    assert result.statistic == pytest.approx(6.5)
-    assert result.p == pytest.approx(np.exp(-3.25))
-    assert result.critical_difference == pytest.approx(2.446912 * np.sqrt(2), abs=1e-5)
-    # a differs from b (12 - 7 = 5) and c (7); b and c (2) do not differ.
-    reference = scipy_stats.friedmanchisquare(*values)
-    assert result.statistic == pytest.approx(reference.statistic)
-
-
-def test_friedman_conover_with_ties_matches_scipy_and_degenerate_cases():
-    rng = np.random.default_rng(3)
-    values = np.round(rng.normal(size=(6, 5)), 0)  # rounding makes ties within blocks
-    result = stats.friedman_conover(values)
-    reference = scipy_stats.friedmanchisquare(*values)
-    assert result.statistic == pytest.approx(reference.statistic)
-    assert result.p == pytest.approx(reference.pvalue)
-    one_block = stats.friedman_conover([[1.0], [2.0]])
-    assert one_block.rank_sums.tolist() == [1.0, 2.0] and np.isnan(one_block.p)
-    all_tied = stats.friedman_conover(np.ones((3, 4)))
-    assert (all_tied.statistic, all_tied.p) == (0.0, 1.0)
-    assert np.isnan(all_tied.critical_difference)
-    # 4 treatments in the same order in 2 blocks: T = n (k - 1) = 6, its largest value, and
-    # p = chi2.sf(6, 3) = 0.1116: two blocks can never rank 4 treatments apart at 5%.
-    ordered = stats.friedman_conover([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
-    assert ordered.statistic == pytest.approx(6.0)
-    assert ordered.p == pytest.approx(0.11161022509471268)
-    with pytest.raises(ValueError, match="without NaN"):
-        stats.friedman_conover([[1.0, np.nan], [2.0, 3.0]])
 
 
 def test_recalls_from_ranks_by_hand():

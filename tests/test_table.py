@@ -265,7 +265,8 @@ def test_table_values_match_hand_computation(table):
     assert table.attrs == {
         "metric": "rsum", "baseline": BASE, "experiment": "ablation-a", "correction": "holm",
         "alpha": 0.05, "n_boot": 2000, "boot_seed": 0, "boot_note": None,
-        "eval_set": stats.eval_set_id(ranks_for(10, 12)),
+        "eval_set": stats.eval_set_id(ranks_for(10, 12)), "margin": 6.0,
+        "design": "fixed grid: one look at each cell's seeds", "looks": None, "first_seed": 0,
     }  # fmt: skip
     assert list(table["pair_set"]) == [
         "baseline",
@@ -314,10 +315,42 @@ def test_paired_gains_match_hand_computation_and_scipy(table, runs):
     assert rows.loc["baseline+inter_ss:kl", "p_seed"] == pytest.approx(
         ttest_1samp([-36.0, 12.0, 60.0], 0).pvalue
     )
-    # Holm over the 3 finite p_seed (0, 0, 0.70723): 0 x 3, 0 x 2, 0.70723 x 1
-    assert rows["p_seed_adj"].tolist()[1:4] == pytest.approx([0.0, 0.0, 0.70723], abs=1e-5)
-    assert np.isnan(rows.loc["baseline+intra_ss:sd", "p_seed_adj"])
     assert list(rows["verdict"]) == ["baseline", "better", "better", "open", "open"]
+
+
+def test_one_test_carries_both_noises_by_hand(table):
+    """The verdict's test recomputed from the ranks: the shared eval-set variance C is the
+    mean cross-seed covariance of the resampled gains; +intra_ts:sd and +inter_ts:sym_kl
+    have the same gain at every seed (no seed spread), so their test is the normal test with
+    variance C; +inter_ss:kl's spread over seeds (sd 48) keeps it open."""
+    from scipy import stats as scipy_stats
+
+    draw = _boot_draw()
+    rows = table.set_index("pair_set")
+    base = {s: draw.metric(ranks_for(a, b), "rsum") for s, (a, b, _) in
+            enumerate(TRIALS["baseline"][1])}  # fmt: skip
+    p = {}
+    for name in ("baseline+intra_ts:sd", "baseline+inter_ts:sym_kl"):
+        seeds = [(a, b) for a, b, st in TRIALS[name][1] if st == "FINISHED"]
+        boot = np.array([draw.metric(ranks_for(a, b), "rsum") - base[s]
+                         for s, (a, b) in enumerate(seeds)])  # fmt: skip
+        cov = np.cov(boot, ddof=1)
+        shared = cov[~np.eye(len(seeds), dtype=bool)].mean()
+        row = rows.loc[name]
+        assert row["gain_se"] == pytest.approx(np.sqrt(shared))
+        assert row["eval_share"] == pytest.approx(1.0)
+        p[name] = 2 * scipy_stats.norm.sf(row["gain_mean"] / np.sqrt(shared))
+        assert row["p_diff"] == pytest.approx(p[name], rel=1e-6)
+        assert row["gain_low"] == pytest.approx(row["gain_mean"] - 1.959964 * np.sqrt(shared))
+    kl = rows.loc["baseline+inter_ss:kl"]
+    assert kl["verdict"] == "open" and kl["verdict_note"] == "not decided yet"
+    assert kl["p_diff"] > 0.3 and kl["looks"] == 1
+    one = rows.loc["baseline+intra_ss:sd"]
+    assert np.isnan(one["p_diff_adj"])
+    assert one["verdict_note"] == "one seed: training noise untested"
+    # The family: the three rows with a test (the one-seed row is no member); each cell's
+    # difference p stands against the larger p of every other cell (Holm-Shaffer).
+    assert rows.loc["baseline+intra_ts:sd", "p_diff_adj"] <= 3 * max(p.values())
 
 
 def _boot_draw():
@@ -356,10 +389,6 @@ def test_bootstrap_columns_match_a_direct_computation(table):
     assert rows.loc["baseline+intra_ts:sd", "p_boot"] == pytest.approx(2 / 2001)
     assert rows.loc["baseline+intra_ss:sd", "p_boot"] == pytest.approx(2 / 2001)
     assert rows.loc["baseline+intra_ss:sd", "boot_gain_high"] < 0
-    finite = rows["p_boot"].iloc[1:].to_numpy()
-    assert rows["p_boot_adj"].iloc[1:].to_numpy() == pytest.approx(
-        stats.adjust_pvalues(finite, "holm")
-    )
 
 
 def test_bootstrap_gaps_are_nan_with_one_line_why(runs, ranks):
@@ -375,8 +404,9 @@ def test_bootstrap_gaps_are_nan_with_one_line_why(runs, ranks):
         assert result.loc[name, "verdict"] == "open"  # eval noise untested: no verdict
     assert result.loc["baseline+inter_ts:sym_kl", "verdict"] == "better"
     assert result.loc["baseline", "boot_low"] > 0
-    # Holm family of p_boot shrinks to the 2 finite ones
-    assert result.loc["baseline+inter_ts:sym_kl", "p_boot_adj"] == pytest.approx(2 * 2 / 2001)
+    assert result.loc["baseline+intra_ts:sd", "verdict_note"] == (
+        "no usable eval ranks: eval-set noise untested"
+    )
     nothing = selection_table(runs)
     assert nothing["boot_low"].isna().all() and (nothing["verdict"] != "better").all()
     assert "no eval ranks were loaded" in nothing.attrs["boot_note"]
@@ -386,7 +416,7 @@ def test_bootstrap_gaps_are_nan_with_one_line_why(runs, ranks):
     assert "1 have unusable ranks (baseline-0: missing t2i_rank" in bad.attrs["boot_note"]
 
 
-def test_identical_runs_give_a_zero_gain_and_p_boot_one(runs, ranks):
+def test_identical_runs_are_equivalent(runs, ranks):
     twin = runs[runs["params.pair_set"] == "baseline"].assign(
         **{"params.pair_set": "twin", "params.pairs": f"{BASE},intra_ts:sd",
            "tags.conaclip.baseline": "false",
@@ -396,20 +426,24 @@ def test_identical_runs_give_a_zero_gain_and_p_boot_one(runs, ranks):
     twin_ranks = {**ranks, **{f"twin-{s}": ranks[f"baseline-{s}"] for s in range(3)}}
     row = selection_table(both, ranks=twin_ranks).set_index("pair_set").loc["twin"]
     assert (row["boot_gain_low"], row["boot_gain_high"], row["p_boot"]) == (0.0, 0.0, 1.0)
-    assert (row["gain_mean"], row["p_seed"], row["verdict"]) == (0.0, 1.0, "open")
+    assert (row["gain_mean"], row["p_seed"], row["p_diff"]) == (0.0, 1.0, 1.0)
+    # A gain of exactly 0 on every seed and every resample lies inside any margin.
+    assert (row["p_equiv"], row["verdict"]) == (0.0, "equivalent")
 
 
 def test_benjamini_hochberg_option_and_bad_settings(runs, ranks):
     bh = selection_table(runs, ranks=ranks, correction="bh").set_index("pair_set")
     assert bh.attrs["correction"] == "bh"
-    p = bh["p_seed"].iloc[1:].to_numpy()
-    assert bh["p_seed_adj"].iloc[1:].to_numpy() == pytest.approx(
-        stats.adjust_pvalues(p, "bh"), nan_ok=True
-    )
+    both = np.concatenate([bh["p_diff_seq"].iloc[1:], bh["p_equiv_seq"].iloc[1:]])
+    adjusted = stats.adjust_pvalues(both, "bh")
+    assert bh["p_diff_adj"].iloc[1:].to_numpy() == pytest.approx(adjusted[:4], nan_ok=True)
+    assert bh["p_equiv_adj"].iloc[1:].to_numpy() == pytest.approx(adjusted[4:], nan_ok=True)
     with pytest.raises(InputError, match="--correction bonferroni: expected one of holm, bh"):
         selection_table(runs, correction="bonferroni")
     with pytest.raises(InputError, match=r"--alpha 1\.5"):
         selection_table(runs, alpha=1.5)
+    with pytest.raises(InputError, match=r"--margin -1\.0: expected a positive gain"):
+        selection_table(runs, margin=-1.0)
 
 
 def test_used_weight_and_temperature_of_the_added_pair():
@@ -450,37 +484,47 @@ def test_formats(table):
     lines = md.splitlines()
     assert lines[0] == (
         "| pair set | added | weight | T | n | rsum [95% CI seeds] | gain vs baseline "
-        "[95% CI seeds] | gain [95% CI eval queries] | p adj (seed / boot) | verdict |"
+        "[95% CI seeds] | gain [95% CI seeds + eval set] | eval share | p adj (differs / "
+        "within ±6) | verdict |"
     )
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:7]}
     assert rows["**baseline** (baseline)"] == (
-        "| **baseline** (baseline) | — |  |  | 3 | 138.00 [108.19, 167.81] | — |  |  | baseline |"
+        "| **baseline** (baseline) | — |  |  | 3 | 138.00 [108.19, 167.81] | — | — |  |  "
+        "| baseline |"
     )
+    # +intra_ts:sd gains +60 at every seed: its interval over both noises is the eval set's
+    # alone (100% of the variance), +-1.96 sqrt(C) (test_one_test_carries_both_noises_by_hand).
     assert rows["baseline+intra_ts:sd"].startswith(
         "| baseline+intra_ts:sd | `intra_ts:sd` |  |  | 3 | 198.00 [168.19, 227.81] "
-        "| +60.00 [+60.00, +60.00] | [+"
+        "| +60.00 [+60.00, +60.00] | +60.00 [+"
     )
-    assert rows["baseline+intra_ts:sd"].endswith(" | <0.001 / 0.004 | **better** |")
+    assert rows["baseline+intra_ts:sd"].endswith(" | 100% | <0.001 / 1.000 | **better** |")
     assert (
         "| 2 (2/3 FINISHED, 1 FAILED) | 156.00 [79.76, 232.24] | +24.00 [+24.00, +24.00] |"
         in (rows["baseline+inter_ts:sym_kl"])
     )
     assert "| 150.00 [0.95, 299.05] | +12.00 [-107.24, +131.24] |" in rows["baseline+inter_ss:kl"]
+    assert rows["baseline+inter_ss:kl"].endswith("| open (not decided yet) |")
     assert rows["baseline+intra_ss:sd"].startswith(
-        "| baseline+intra_ss:sd | `intra_ss:sd` |  |  | 1 | 114.00 (n=1) | -12.00 (n=1) | [-"
+        "| baseline+intra_ss:sd | `intra_ss:sd` |  |  | 1 | 114.00 (n=1) | -12.00 (n=1) | -12.00 |"
     )
-    assert rows["baseline+intra_ss:sd"].endswith(" | — / 0.004 | open |")
+    assert rows["baseline+intra_ss:sd"].endswith(
+        " |  | — / — | open (one seed: training noise untested) |"
+    )
     assert "± 0.00" not in md
     notes = lines[8:]
     assert len(notes) == 3
     assert notes[0].startswith("CI seeds: Student t") and "data order" in notes[0]
     assert "2000 resamples of the eval set's images (100 images, 100 captions" in notes[1]
-    assert "Holm (step-down, family-wise) across the 4 non-baseline rows" in notes[2]
-    assert "both < 0.05 and >= 2 seeds" in notes[2]
+    assert "Holm with Shaffer's restriction (family-wise)" in notes[2]
+    assert "one family of the 4 non-baseline rows" in notes[2]
+    assert "fixed grid: one look at each cell's seeds" in notes[2]
+    assert "equivalent (within ±6, not shown to differ)" in notes[2]
     back = pd.read_csv(io.StringIO(format_table(table, "csv")))
     assert back["rsum_mean"].tolist() == pytest.approx([138, 198, 156, 150, 114])
     assert json.loads(back["rsum_by_seed"][0]) == {"0": 126.0, "1": 138.0, "2": 150.0}
-    assert {"t2i_R1_ci_low", "gain_ci_high", "p_boot_adj", "verdict"} <= set(back.columns)
+    assert {"t2i_R1_ci_low", "gain_ci_high", "p_diff_adj", "verdict"} <= set(back.columns)
+    assert "rsum_boot_by_seed" not in back.columns
     records = json.loads(format_table(table, "json"))
     assert records[4]["pair_set"] == "baseline+intra_ss:sd" and records[4]["delta_rsum"] == -24
     assert records[4]["rsum_std"] is None and records[1]["verdict"] == "better"
