@@ -4,6 +4,7 @@ with ``--race``) and `conaclip demo`."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -357,6 +358,12 @@ def _race(spec: AblationSpec) -> int:
     if not result.interrupted:
         for line in verdict_lines(result):
             print(line)
+        folder = reports.report_dir(Path(spec.out_dir), spec.experiment_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = folder / "race.json"
+        record.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+        tracking.log_summary_artifact(spec.tracking_uri, spec.experiment_name, record)
+        _say(f"wrote {record} (logged to MLflow)")
     return code
 
 

@@ -115,7 +115,10 @@ def test_smoke_and_demo_settings():
     demo = load_preset("demo")
     assert 4 <= len(demo.pair_sets) <= 6 and demo.baseline.key() == BASELINE_KEY
     assert 100 <= demo.settings["steps"] <= 200
-    for name in ("baseline", "clip_kd", "greedy", "single_additions"):
+    # The verdict grids score the student's moving average (docs/results/noise_budget.json).
+    assert demo.settings["ema_decay"] == load_preset("single_additions").settings["ema_decay"]
+    assert load_preset("single_additions").settings == {"ema_decay": 0.9}
+    for name in ("baseline", "clip_kd", "greedy"):
         assert load_preset(name).settings == {}
 
 
