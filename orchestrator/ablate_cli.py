@@ -49,7 +49,9 @@ RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
 RACE_MAX_SEEDS = 5
 # The demo races its cells within the laptop budget its README section states.
 DEMO_START_SEEDS = 2
-DEMO_MAX_SEEDS = 5
+DEMO_MAX_SEEDS = 6
+DEMO_BUDGET_S = 600  # the demo's promise: ten minutes from an empty home on a 2-core laptop
+DEMO_REPORT_S = 30  # what the table, heatmap and best take after the last round
 
 
 def _say(message: str) -> None:
@@ -313,7 +315,10 @@ def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved
         # Tune's status table is the progress; per-worker logs would drown it.
         init_ray(args.address, log_to_driver=False)
     if spec.race is not None:
-        return _race(spec)
+        budget = getattr(args, "budget_minutes", None)
+        return _race(spec, None if budget is None else time.time() + 60 * budget)
+    if getattr(args, "budget_minutes", None) is not None:
+        raise InputError("--budget-minutes: only with --race (a grid runs every trial)")
     if spec.kind == "greedy" and not args.resume:
         from search_spaces.presets import baseline_pair_set
 
@@ -346,13 +351,13 @@ def describe(spec: AblationSpec, argv: list[str]) -> str:
     )
 
 
-def _race(spec: AblationSpec) -> int:
+def _race(spec: AblationSpec, deadline: float | None = None) -> int:
     from orchestrator.race import run_race, verdict_lines
 
     assert spec.race is not None
     _say(f"race {spec.name}: {len(spec.pair_sets)} pair sets from {spec.race.start_seeds} to at "
          f"most {spec.race.max_seeds} seeds -> {spec.out_dir}")  # fmt: skip
-    result = run_race(spec)
+    result = run_race(spec, deadline=deadline)
     outcome = AblationOutcome(spec.name, trials=result.trials, interrupted=result.interrupted)
     code = summarize(outcome, spec)
     if not result.interrupted:
@@ -412,6 +417,14 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         help="equivalence margin in rsum: a cell whose gain lies within +-D is 'equivalent' "
         f"(no practical difference; default: the preset's, else {DEFAULT_MARGIN:g}, one "
         "point of mean recall); recorded on the experiment",
+    )
+    group.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="MIN",
+        help="--race: start no round that would end more than MIN minutes after the race "
+        "began (judged at the last round's pace); cells still open then are reported open, "
+        "with the seeds they would need",
     )
     group.add_argument(
         "--spending",
@@ -486,8 +499,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole chain on the built-in data with small settings",
         description="Built-in data -> teacher (trained once, cached) -> teacher cache -> the "
-        "demo preset raced seed by seed until every cell is better, worse or equivalent "
-        "(or --max-seeds) -> table + heatmap + best. Prints where everything is.",
+        "demo preset raced seed by seed until every cell is better, worse or equivalent, "
+        "--max-seeds or the time budget -> table + heatmap + best, with the seeds each open "
+        "cell would need. Running it again goes on with the same race (trials already in "
+        "MLflow are not run again). Prints where everything is.",
     )
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--home", help="where built-in data and teachers are kept")
@@ -497,6 +512,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=DEMO_MAX_SEEDS,
         help=f"the race's most seeds per cell (default {DEMO_MAX_SEEDS})",
+    )
+    demo.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=DEMO_BUDGET_S / 60,
+        metavar="MIN",
+        help=f"start no race round that would end the demo after MIN minutes (default "
+        f"{DEMO_BUDGET_S / 60:g}); run the demo again to let the same race go on",
+    )
+    demo.add_argument(
+        "--name",
+        default="demo",
+        help="the demo's race (MLflow experiment) under --out; the same name goes on where "
+        "the last demo stopped (default demo)",
     )
     demo.set_defaults(handler=_demo)
 
@@ -517,7 +546,7 @@ def _demo(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser()
     add_ablation_flags(parser)
     ablate_args = parser.parse_args(
-        ["--preset", args.preset, "--out", args.out, "--name", default_name(args.preset),
+        ["--preset", args.preset, "--out", args.out, "--name", args.name,
          "--race", "--seeds", str(DEMO_START_SEEDS), "--max-seeds", str(args.max_seeds)]
         + (["--home", args.home] if args.home else [])
     )  # fmt: skip
@@ -525,6 +554,17 @@ def _demo(args: argparse.Namespace) -> int:
     ablate_args.address = None
     spec, use_cache = build_spec(ablate_args)
     tracking.check_tracking_uri(spec.tracking_uri)
+    with exclusive_ablation(spec.out_dir, spec.experiment_name):
+        return _demo_locked(args, ablate_args, spec, use_cache, started)
+
+
+def _demo_locked(
+    args: argparse.Namespace,
+    ablate_args: argparse.Namespace,
+    spec: AblationSpec,
+    use_cache: bool,
+    started: float,
+) -> int:
     tracking.get_or_create_experiment(
         spec.tracking_uri,
         spec.name,
@@ -532,7 +572,9 @@ def _demo(args: argparse.Namespace) -> int:
     )
     spec = _resolve_around_ray(spec, workspace_of(ablate_args), use_cache, None)
     _say(f"demo: preset {spec.preset} raced from {DEMO_START_SEEDS} to {args.max_seeds} seeds")
-    code = _race(spec)
+    # Rounds fit the demo's budget: the last one starts only if it ends in time for the
+    # reports; what is still open is reported with the seeds it would need.
+    code = _race(spec, started + 60 * args.budget_minutes - DEMO_REPORT_S)
     if code == EXIT_INTERRUPTED:  # no verdict from trials that did not run
         return code
     out = Path(args.out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class RaceResult:
     trials: list[Any] = field(default_factory=list)
     # A round stopped by Ctrl-C: the race ends there, undecided (no verdict), resumable.
     interrupted: bool = False
+    stopped: str | None = None  # why the race ended before its design did (a time budget)
 
     @property
     def asked(self) -> set[Trial]:
@@ -102,6 +104,7 @@ class RaceResult:
             "spent_steps": self.spent_steps,
             "full_steps": self.full_steps,
             "interrupted": self.interrupted,
+            "stopped": self.stopped,
         }
 
 
@@ -259,6 +262,9 @@ def race_loop(
     first_seed: int = 0,
     margin: float = DEFAULT_MARGIN,
     spending: str = DEFAULT_SPENDING,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.time,
+    pace_s: float | None = None,
 ) -> RaceResult:
     """Race ``cells`` against ``baseline`` from ``start_seeds`` to at most ``max_seeds`` seeds.
 
@@ -270,7 +276,11 @@ def race_loop(
     ``first_seed``: the race's seeds are ``first_seed``, ``first_seed + 1``, ... (another
     race's seeds in the same experiment are not read). ``margin`` and ``spending``: the
     equivalence margin and the spending function of the race's design
-    (``Design.race(start_seeds, max_seeds, spending)``).
+    (``Design.race(start_seeds, max_seeds, spending)``). ``deadline`` (``clock()`` seconds):
+    a round after the first is not started when, at the pace of the last launched round, it
+    would end past it; the race then ends on the last table (its open cells stay open, which
+    the design allows: a look not taken cannot add an error). ``pace_s``: wall seconds per
+    trial to judge the first launched round by (``ledger_pace``); without it that round runs.
     """
     if start_seeds < 1 or max_seeds < start_seeds:
         raise InputError(f"race: need 1 <= --seeds ({start_seeds}) <= --max-seeds ({max_seeds})")
@@ -280,16 +290,29 @@ def race_loop(
     limits: dict[str, int] = {}
     tried: set[Trial] = set()
     seeds = start_seeds
+    per_trial_s = pace_s  # wall seconds per launched trial, the last round's
     for number in range(1, max_seeds - start_seeds + 2):
         plan = round_plan(baseline, active, seeds, first_seed)
-        limits.update({name: seeds for name in (baseline, *active)})
         runs = read_runs()
         missing = [t for t in plan if t not in finished_trials(runs) and t not in tried]
         if missing and launch is None:
             name, seed = missing[0]
             raise InputError(f"replay: no FINISHED run of {name} seed {seed}: not a full grid")
+        if missing and deadline is not None and per_trial_s is not None:
+            expected = per_trial_s * len(missing)
+            if clock() + expected > deadline:
+                result.stopped = (
+                    f"time budget: round {number} ({len(missing)} trials, about "
+                    f"{expected / 60:.1f} min at the last round's pace) would end past it; "
+                    f"{len(active)} cell(s) left open"
+                )
+                say(f"race: {result.stopped}")
+                break
+        limits.update({name: seeds for name in (baseline, *active)})
         if missing:
+            started = clock()
             outcomes = launch(number, missing)
+            per_trial_s = (clock() - started) / len(missing)
             result.trials += outcomes
             tried.update(missing)
             cut = [t for t in outcomes if getattr(t, "status", None) == INTERRUPTED]
@@ -339,10 +362,28 @@ def verdict_lines(result: RaceResult) -> list[str]:
         f"race spent {len(result.asked)} trials = {result.spent_steps} trial-steps vs "
         f"{result.full_steps} for the full grid ({len(result.cells) + 1} pair sets x "
         f"{result.max_seeds} seeds): {share:.0%}",
+        *([f"race stopped early: {result.stopped}"] if result.stopped else []),
     ]
 
 
-def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
+def ledger_pace(runs: pd.DataFrame, concurrent: int) -> float | None:
+    """Wall seconds per trial that earlier FINISHED runs of the experiment imply when
+    ``concurrent`` run at once (the median run's start-to-end over ``concurrent``); None
+    without finished runs."""
+    if runs.empty or "end_time" not in runs:
+        return None
+    from orchestrator.table import run_status
+
+    done = runs[(run_status(runs) == FINISHED) & runs["end_time"].notna()]
+    if done.empty:
+        return None
+    seconds = (done["end_time"] - done["start_time"]).dt.total_seconds()
+    return float(seconds.median()) / max(concurrent, 1)
+
+
+def run_race(
+    spec: Any, say: Callable[[str], None] = _say, deadline: float | None = None
+) -> RaceResult:
     """Race ``spec`` (an ``AblationSpec`` with ``race`` settings and a baseline) for real.
 
     Round k is its own Tune run ``<name>-round<k>`` (tag ``conaclip.round=k``) with an explicit
@@ -369,11 +410,17 @@ def run_race(spec: Any, say: Callable[[str], None] = _say) -> RaceResult:
     def launch(number: int, trials: list[Trial]) -> list[Any]:
         return _launch_round(spec, number, trials, run_ablation, read_runs)
 
+    pace = None
+    if deadline is not None:
+        from orchestrator.ablation import max_concurrent
+
+        pace = ledger_pace(read_runs(), max_concurrent(spec))
+
     return race_loop(
         spec.baseline, cells, settings.start_seeds, settings.max_seeds, read_runs, launch,
         metric=settings.metric, steps=spec.run.steps, ranks=RanksCache(spec.tracking_uri),
         say=say, first_seed=settings.first_seed, margin=settings.margin,
-        spending=settings.spending,
+        spending=settings.spending, deadline=deadline, pace_s=pace,
     )  # fmt: skip
 
 

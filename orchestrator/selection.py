@@ -227,12 +227,13 @@ def _settle_text(table: pd.DataFrame, row: pd.Series, alpha: float, spread: floa
     level = alpha / _family(table)
     need = seeds_to_decide(float(row["gain_mean"]), spread, _eval_var(row), level, margin,
                            MAX_SUGGESTED_SEEDS)  # fmt: skip
-    race = "or let `conaclip ablate --race` spend seeds where they decide something"
+    race = "or `conaclip ablate --race`"
     if need.seeds is not None:
         what = "it differs" if need.decision == "differs" else f"it is within ±{margin:g}"
         seeds = max(need.seeds, int(row["gain_n"]) + 1)
         return (
-            f"If its gain and spread hold, about `--seeds {seeds}` would show that {what} ({race})."
+            f"If its gain and spread hold, about {seeds} seeds would show that {what} "
+            f"(`--seeds {seeds}`, {race} with `--max-seeds {seeds}` or more)."
         )
     if need.eval_bound:
         return (

@@ -51,6 +51,9 @@ class Scenario:
     n_boot: int = 200
     margin: float = 6.0
     alpha: float = 0.05
+    # Cells differ in training noise: each cell's sd is seed_sd times a lognormal factor
+    # whose log has this sd (0: every cell alike).
+    seed_sd_spread: float = 0.0
 
 
 @dataclass
@@ -124,6 +127,8 @@ def draw_grid(scenario: Scenario, seeds: int, rng: np.random.Generator):
     alpha = parts(scenario.eval_sd * np.sqrt(n), (m, 1, n), (1, 1, n))
     beta = parts(scenario.eval_seed_sd * np.sqrt(n), (m, seeds, n), (1, seeds, n))
     train = parts(scenario.seed_sd, (m, seeds), (1, seeds))
+    if scenario.seed_sd_spread:
+        train = train * np.exp(rng.normal(0, scenario.seed_sd_spread, (m, 1)))
     d = mu + alpha + beta
     counts = np.stack(
         [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(scenario.n_boot)]

@@ -50,6 +50,11 @@ def test_single_additions_sized_family_keeps_the_error_rate(spending):
     scenario = Scenario(effects, seed_sd=3.2, eval_sd=1.3, eval_seed_sd=1.0, margin=6.0)
     fixed, raced = simulate(scenario, Design.race(2, 8, spending), replicates=600, seed=3)
     assert fixed.fwer_rate <= 0.05 and raced.fwer_rate <= 0.05
+    # Cells whose training noise differs (a lognormal spread of sds, as real cells show), at
+    # the noise of the built-in data's five-fold eval.
+    uneven = Scenario(effects, seed_sd=3.1, eval_sd=0.45, eval_seed_sd=1.0, seed_sd_spread=0.5)
+    fixed, raced = simulate(uneven, Design.race(2, 8, spending), replicates=600, seed=5)
+    assert fixed.fwer_rate <= 0.05 and raced.fwer_rate <= 0.05
     nulls = Scenario((0.0,) * 19, seed_sd=3.2, eval_sd=1.3, eval_seed_sd=1.0, margin=6.0)
     fixed, raced = simulate(nulls, Design.race(2, 8, spending), replicates=600, seed=4)
     assert fixed.fwer_rate <= 0.05 and raced.fwer_rate <= 0.05

@@ -521,3 +521,55 @@ def test_race_end_to_end_then_resume_launches_nothing(
     new = done[~done["run_id"].isin(runs["run_id"])]
     rerun = new[(new["params.pair_set"] == "baseline") & (new["params.seed"] == "0")]
     assert list(rerun["tags.conaclip.round"]) == ["1"]
+
+
+def test_margin_and_spending_flags(capsys, tmp_path):
+    from orchestrator.ablate_cli import add_ablation_flags, build_spec
+
+    def spec_of(*flags):
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        add_ablation_flags(parser)
+        args = parser.parse_args(["--preset", "smoke", "--out", str(tmp_path), *flags])
+        return build_spec(args)[0]
+
+    race_spec = spec_of("--race", "--margin", "3.5", "--spending", "pocock")
+    assert (race_spec.race.margin, race_spec.race.spending) == (3.5, "pocock")
+    assert race_spec.race.design().looks == (2, 3, 4, 5)
+    assert spec_of("--race").race.margin == 6.0  # the default: one point of mean recall
+    config = tmp_path / "c.yaml"
+    config.write_text("margin: 2.5\n")
+    assert spec_of("--race", "--config", str(config)).race.margin == 2.5
+    assert main(["ablate", "--preset", "smoke", "--race", "--margin", "0", "--dry-run"]) == 2
+    assert "--margin: expected a positive gain in rsum, got 0.0" in capsys.readouterr().err
+    assert main(["ablate", "--preset", "smoke", "--spending", "obf", "--dry-run"]) == 2
+    assert "--spending: only with --race" in capsys.readouterr().err
+
+
+def test_a_time_budget_stops_before_a_round_that_would_overrun_it():
+    grid = {k: [*v, v[-1]] for k, v in GRID.items()}  # 4 seeds
+    full = grid_runs(grid)
+    ledger = full[full["params.seed"].astype(int) < 2]
+    now = [0.0]
+
+    def launch(number, trials):  # every trial takes 10 s of the race's clock
+        nonlocal ledger
+        now[0] += 10.0 * len(trials)
+        ids = {f"{name}-{seed}" for name, seed in trials}
+        ledger = pd.concat([ledger, full[full["run_id"].isin(ids)]], ignore_index=True)
+        return []
+
+    # Round 1 is in MLflow already; round 2's 4 trials have no pace to judge by: they run
+    # (40 s). Round 3 would take another 40 s at that pace: past a deadline at 60 s.
+    lines: list[str] = []
+    result = race.race_loop("base", ["a", "b", "c"], 2, 4, lambda: ledger, launch, steps=10,
+                            say=lines.append, deadline=60.0, clock=lambda: now[0])  # fmt: skip
+    assert len(result.rounds) == 2 and now[0] == 40.0
+    assert result.stopped == (
+        "time budget: round 3 (4 trials, about 0.7 min at the last round's pace) would end "
+        "past it; 3 cell(s) left open"
+    )
+    assert lines[-1] == f"race: {result.stopped}"
+    assert result.verdict.open == ("a", "c", "b") and result.as_dict()["stopped"]
+    assert ("a", 3) not in result.asked

@@ -221,8 +221,8 @@ def test_no_winner_names_the_leader_and_the_seeds_that_would_settle_it():
     c = row["eval_share"] * row["gain_se"] ** 2
     first = next(n for n in range(2, 31) if GainTest(n, 8.0, 64.0 / n, c).p_diff < 0.05)
     assert GainTest(first - 1, 8.0, 64.0 / (first - 1), c).p_diff >= 0.05
-    assert f"about `--seeds {first}` would show that it differs" in choice.reason
-    assert "`conaclip ablate --race`" in choice.reason
+    assert f"about {first} seeds would show that it differs (`--seeds {first}`" in choice.reason
+    assert f"`conaclip ablate --race` with `--max-seeds {first}` or more" in choice.reason
     single = choose(table_of(BASELINE, ("+sd", f"{BASE},intra_ts:sd", [110.0])))
     assert "With one seed the gain cannot be told apart from training noise" in single.reason
     assert "would show that it" in single.reason

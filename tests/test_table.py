@@ -638,11 +638,11 @@ def test_best_cli_prints_winner_and_a_loadable_recipe(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best pair set by rsum: baseline+intra_ts:sd" in out
     assert "rsum: 198.00 [168.19, 227.81]" in out
-    assert (
-        "gain vs baseline (paired by seed): +60.00 rsum [95% CI +60.00, +60.00 over 3 seeds; +"
-        in out
-    )
-    assert "verdict: better (adjusted p 0 over seeds, 0.004 over eval queries)" in out
+    assert "gain vs baseline (paired by seed): +60.00 rsum [95% CI +" in out
+    assert "over seeds and eval set; 3 seeds]" in out
+    assert "verdict: better (adjusted p " in out and "(differs)" in out
+    # The other better row, +inter_ts:sym_kl (+24), trails it by 36 on both shared seeds.
+    assert "it is ahead of the other 1 better row by the same test" in out
     recipe = tmp_path / "reports" / "ablation-a" / "recipe.yaml"
     # inter_ss:kl's gain (-36, 12, 60 by seed) is open and intra_ss:sd has one seed: left out.
     (combined,) = pair_sets_from_yaml(recipe)
@@ -654,18 +654,33 @@ def test_best_cli_prints_winner_and_a_loadable_recipe(store, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_best_cli_without_significance_says_so(store, tmp_path, capsys):
-    # Under --alpha 0.001 the bootstrap p (Holm: 4 x 2/2001 = 0.004) is not significant.
-    assert _cli("best", "--tracking-uri", store, "--out", str(tmp_path), "--alpha", "0.001") == 0
+    # At --alpha 1e-15 not even +intra_ts:sd's gain of 60 on 100 images is decided.
+    assert _cli("best", "--tracking-uri", store, "--out", str(tmp_path), "--alpha", "1e-15") == 0
     out = capsys.readouterr().out
     assert out.startswith("best pair set by rsum: none is significantly better than the baseline\n")
     assert (
         "No significant winner: the leading candidate is baseline+intra_ts:sd: +60.00 rsum" in out
     )
-    assert "not eval-query noise" in out and "evaluate on more images" in out
+    assert "neither below 1e-15 (4 open)" in out
+    assert "open: baseline+inter_ss:kl (3 seeds, gain +12.00): " in out
     assert "leading candidate: baseline+intra_ts:sd" in out
     assert "combined recipe: the baseline alone (intra_ts:infonce)" in out
     (combined,) = pair_sets_from_yaml(tmp_path / "reports" / "ablation-a" / "recipe.yaml")
     assert combined.key() == BASE
+
+
+@pytest.mark.integration
+def test_table_cli_margin_is_in_the_table_and_on_the_experiment(store, tmp_path, capsys):
+    assert _cli("table", "--tracking-uri", store, "--out", str(tmp_path), "--margin", "100") == 0
+    out = capsys.readouterr().out
+    assert "p adj (differs / within ±100)" in out
+    found = tracking.find_experiment(store, "ablation-a")
+    assert found.tags[tracking.MARGIN_TAG] == "100.0"
+    summary = tracking.client(store).get_run(tracking.summary_run_id(store, "ablation-a"))
+    assert summary.data.tags[tracking.MARGIN_TAG] == "100.0"
+    assert _cli("table", "--tracking-uri", store, "--out", str(tmp_path)) == 0
+    assert "within ±6)" in capsys.readouterr().out  # the default again, recorded again
+    assert tracking.find_experiment(store, "ablation-a").tags[tracking.MARGIN_TAG] == "6.0"
 
 
 def test_cli_without_a_store_is_one_line(tmp_path):
