@@ -16,6 +16,7 @@ from orchestrator import reports, stats, table_format
 from orchestrator.ablation import outcome_summary
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
 from orchestrator.verdicts import DEFAULT_MARGIN
+from trainers.errors import InputError
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,14 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"the ablation's output directory; reports go under DIR/reports (default: "
         f"{DEFAULT_ABLATION_OUT})",
+    )
+    parser.add_argument(
+        "--from",
+        dest="record",
+        type=Path,
+        metavar="DIR",
+        help="read a grid record (runs.csv, ranks.npz, grid.json: `conaclip table --record`) "
+        "instead of an MLflow store: the table and verdict re-derived without training",
     )
     parser.add_argument(
         "--metric",
@@ -89,6 +98,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     table_parser.add_argument(
         "--format", choices=table_format.FORMATS, default="md", help="output format (default: md)"
     )
+    table_parser.add_argument(
+        "--record",
+        dest="write_record",
+        type=Path,
+        metavar="DIR",
+        help="also write the experiment as a grid record to DIR, which `--from DIR` reads "
+        "back on any machine (ranks kept up to 10, all a recall at K <= 10 reads)",
+    )
     table_parser.set_defaults(handler=_table)
 
     best = subparsers.add_parser(
@@ -111,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _source(args: argparse.Namespace) -> reports.ReportSource:
-    return reports.ReportSource(args.out, args.experiment, args.tracking_uri)
+    return reports.ReportSource(args.out, args.experiment, args.tracking_uri, args.record)
 
 
 def _options(args: argparse.Namespace) -> reports.TableOptions:
@@ -126,9 +143,15 @@ def _notes(notes: tuple[str, ...]) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    report = reports.table_report(_source(args), _options(args), args.format)
+    source = _source(args)
+    report = reports.table_report(source, _options(args), args.format)
     sys.stdout.write(report.text)
     _notes(report.notes)
+    if args.write_record is not None:
+        if source.record is not None:
+            raise InputError("--record: the table was read from a record already (--from)")
+        folder = reports.record_grid(source, args.write_record)
+        _notes((f"wrote the grid record {folder} (conaclip table --from {folder})",))
     return 0
 
 
@@ -139,6 +162,8 @@ def _best(args: argparse.Namespace) -> int:
     _notes(best.notes)
     if not args.verify or best.recipe is None:
         return 0
+    if source.record is not None:
+        raise InputError("--verify: a grid record has no store to add the recipe's runs to")
     verified = reports.verify_recipe(best, source, options)
     summary, failures = outcome_summary(verified.outcome, verified.spec)
     print(summary)

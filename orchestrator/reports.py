@@ -13,10 +13,20 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from orchestrator import heatmap, run_params, selection, stats, table, table_format, tracking
+from orchestrator import (
+    grid_record,
+    heatmap,
+    run_params,
+    selection,
+    stats,
+    table,
+    table_format,
+    tracking,
+)
 from orchestrator.ablation import AblationOutcome
 from orchestrator.ablation_spec import AblationSpec, pair_sets_by_name
 from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
@@ -29,11 +39,13 @@ from trainers.errors import InputError
 @dataclass(frozen=True)
 class ReportSource:
     """Which ablation's runs: ``experiment`` (None: the newest ablation) in the store at
-    ``tracking_uri`` (None: the sqlite store under ``out``); reports go under ``out``."""
+    ``tracking_uri`` (None: the sqlite store under ``out``), or a grid ``record`` folder
+    (``orchestrator.grid_record``) instead of a store; reports go under ``out``."""
 
     out: Path = DEFAULT_ABLATION_OUT
     experiment: str | None = None
     tracking_uri: str | None = None
+    record: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +75,10 @@ class Selection:
         return str(self.runs.attrs["experiment"])
 
     @property
-    def tracking_uri(self) -> str:
-        return str(self.runs.attrs["tracking_uri"])
+    def tracking_uri(self) -> str | None:
+        """The store the runs came from; None for a grid record (nothing is logged back)."""
+        uri = self.runs.attrs.get("tracking_uri")
+        return None if uri is None else str(uri)
 
 
 @dataclass(frozen=True)
@@ -100,16 +114,31 @@ def read_selection(source: ReportSource, options: TableOptions) -> Selection:
     the bootstrap. InputError for a store that is not there or bad options."""
     if options.n_boot < 1:
         raise InputError(f"--n-boot {options.n_boot}: expected at least 1 resample")
+    if source.record is not None:
+        runs, ranks = grid_record.read_record(source.record)
+        return _selection_of(runs, options, ranks)
     uri = source.tracking_uri or tracking.default_tracking_uri(source.out)
     tracking.check_tracking_uri(uri, must_exist=True)
     runs = tracking.runs_frame(uri, source.experiment)
     return _selection_of(runs, options)
 
 
-def _selection_of(runs: pd.DataFrame, options: TableOptions) -> Selection:
+def record_grid(source: ReportSource, folder: Path) -> Path:
+    """Write the runs of ``source`` and their eval ranks as a grid record in ``folder``."""
+    uri = source.tracking_uri or tracking.default_tracking_uri(source.out)
+    tracking.check_tracking_uri(uri, must_exist=True)
+    runs = tracking.runs_frame(uri, source.experiment)
+    return grid_record.write_record(runs, table.load_ranks(uri, runs), folder)
+
+
+def _selection_of(
+    runs: pd.DataFrame, options: TableOptions, ranks: dict[str, Any] | None = None
+) -> Selection:
     """The table of ``runs``; for a race's experiment, under the race's design (its looks,
-    first seed and margin), so the table gives the verdicts the race took."""
-    ranks = table.load_ranks(runs.attrs["tracking_uri"], runs)
+    first seed and margin), so the table gives the verdicts the race took. ``ranks``: the
+    runs' eval ranks (None: read from the runs' store)."""
+    if ranks is None:
+        ranks = table.load_ranks(runs.attrs["tracking_uri"], runs)
     race = tracking.race_of(runs)
     notes: list[str] = []
     design, first_seed, margin = None, 0, options.margin
@@ -155,9 +184,13 @@ def table_report(source: ReportSource, options: TableOptions, fmt: str = "md") -
     else:
         notes.append("no baseline run in this experiment: no heatmap")
     for path in written:
+        if chosen.tracking_uri is None:
+            notes.append(f"wrote {path}")
+            continue
         tracking.log_summary_artifact(chosen.tracking_uri, experiment, path)
         notes.append(f"wrote {path} (logged to MLflow)")
-    tracking.record_margin(chosen.tracking_uri, experiment, result.attrs["margin"])
+    if chosen.tracking_uri is not None:
+        tracking.record_margin(chosen.tracking_uri, experiment, result.attrs["margin"])
     return TableReport(text, tuple(written), tuple(notes))
 
 
@@ -240,7 +273,10 @@ def best_report(source: ReportSource, options: TableOptions) -> BestReport:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(text)
     # The recipe joins the table and heatmap on the ablation's own MLflow run.
-    tracking.log_summary_artifact(chosen.tracking_uri, chosen.experiment, folder / "recipe.yaml")
+    if chosen.tracking_uri is not None:
+        tracking.log_summary_artifact(
+            chosen.tracking_uri, chosen.experiment, folder / "recipe.yaml"
+        )
     base = result.attrs["baseline"]
     if recipe.key() == base:
         lines.append(

@@ -733,3 +733,32 @@ def test_verify_runs_the_recipe_in_the_setting_the_runs_share(table, runs, tmp_p
     split = shared.assign(**{"params.batch_size": ["16"] + ["32"] * (len(shared) - 1)})
     with pytest.raises(InputError, match="do not share one batch_size param"):
         reports.verification_spec(reports.Selection(split, table), recipe, tmp_path)
+
+
+@pytest.mark.integration
+def test_a_grid_record_gives_the_same_table_as_its_store(store, tmp_path, capsys):
+    from orchestrator import grid_record
+
+    folder = tmp_path / "record"
+    assert _cli("table", "--tracking-uri", store, "--out", str(tmp_path), "--record",
+                str(folder)) == 0  # fmt: skip
+    from_store = capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.json", "ranks.npz", "runs.csv"]
+    runs, ranks = grid_record.read_record(folder)
+    original = tracking.runs_frame(store, "ablation-a")
+    assert len(runs) == len(original) and set(ranks) == set(load_ranks(store, original))
+    # Ranks are kept up to 10: every recall at K <= 10 and every bootstrap column agrees.
+    pd.testing.assert_frame_equal(
+        selection_table(runs, ranks=ranks).drop(columns=["rsum_boot_by_seed"]),
+        selection_table(original, ranks=load_ranks(store, original)).drop(
+            columns=["rsum_boot_by_seed"]
+        ),
+        check_dtype=False,
+    )
+    out = tmp_path / "elsewhere"
+    assert _cli("table", "--from", str(folder), "--out", str(out)) == 0
+    assert capsys.readouterr().out == from_store
+    assert _cli("best", "--from", str(folder), "--out", str(out)) == 0
+    assert "best pair set by rsum: baseline+intra_ts:sd" in capsys.readouterr().out
+    with pytest.raises(InputError, match=r"no runs.csv; expected a grid record"):
+        _cli("table", "--from", str(tmp_path / "nothing"))
