@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision import transforms
 
 from trainers.errors import InputError
-from trainers.loaders import load_eval_set, make_train_loader
+from trainers.loaders import first_images, load_eval_set, make_train_loader
 from trainers.shards import (
     BadSample,
     SampleError,
@@ -422,6 +422,22 @@ def test_eval_set_maps_captions_to_images(tmp_path):
     assert evalset.images.shape == (4, 3, 8, 8)
     assert torch.allclose(evalset.images[2, :, 0, 0], torch.tensor(colour_of(3)) / 255.0)
     assert evalset.skipped == 1
+
+
+def test_first_images_keeps_those_images_and_only_their_captions(tmp_path):
+    samples = [
+        good(0, json=json.dumps({"captions": ["zero a", "zero b"]}).encode()),
+        good(1),
+        good(2, json=json.dumps({"captions": ["two a", "two b", "two c"]}).encode()),
+    ]
+    evalset = load_eval_set(make_shard(tmp_path / "e.tar", samples), TO_TENSOR, TOKENIZER)
+    cut = first_images(evalset, 2)
+    assert cut.keys == ["00000000", "00000001"]
+    assert cut.captions == ["zero a", "zero b", "caption number 1"]
+    assert cut.text_to_image.tolist() == [0, 0, 1]
+    assert torch.equal(cut.tokens, TOKENIZER(cut.captions))
+    assert torch.equal(cut.images, evalset.images[:2])
+    assert first_images(evalset, 3) is evalset
 
 
 def test_eval_set_with_open_clip_preprocess_matches_direct_preprocessing(tmp_path):

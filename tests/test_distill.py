@@ -432,3 +432,7 @@ def test_teacher_hash_follows_the_model_config_behind_the_name(tmp_path):
         hashes.append(config_hash(cfg))
     assert len(set(hashes)) == 3
     assert config_hash(cfg) == hashes[-1]  # stable for one config
+    # What the teacher's report scores is not what it learns: the same weights, the same hash.
+    assert cfg.eval_max_images == 1000
+    for scored in (None, 5000):
+        assert config_hash(cfg.model_copy(update={"eval_max_images": scored})) == hashes[-1]

@@ -53,7 +53,7 @@ from trainers.eval_cache import load_eval_set_cached
 from trainers.evaluate import check_fold_size, evaluate_retrieval
 from trainers.export import EMA_STATE
 from trainers.graph import learning_type_spec
-from trainers.loaders import make_train_loader
+from trainers.loaders import first_images, make_train_loader
 from trainers.losses import interaction_loss
 from trainers.models import LoadedModel, build_student, embed_dim_of, load_model
 from trainers.optim import adamw, gradient_norm, gradient_share_weights, warmup_cosine
@@ -349,6 +349,8 @@ class DistillationRun:
         eval_set = load_eval_set_cached(
             self.cfg.eval_shards, loaded.preprocess_eval, loaded.tokenizer, self.cfg.eval_cache
         )
+        if self.cfg.eval_max_images is not None:
+            eval_set = first_images(eval_set, self.cfg.eval_max_images)
         # Before the first step, not at the first eval: a set that does not split into folds
         # would otherwise fail the run after eval_every steps of training.
         check_fold_size(len(eval_set.images), self.cfg.eval_fold_size, "eval_fold_size")

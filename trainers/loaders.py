@@ -323,6 +323,23 @@ class EvalSet:
     skipped: int = 0
 
 
+def first_images(eval_set: EvalSet, count: int) -> EvalSet:
+    """The eval set cut to its first ``count`` images and the captions of those images, in
+    their order; ``eval_set`` itself when it has no more images than that. The tensors are
+    views or copies of ``eval_set``'s: nothing is written back."""
+    if len(eval_set.images) <= count:
+        return eval_set
+    kept = torch.nonzero(eval_set.text_to_image < count).flatten()
+    return EvalSet(
+        images=eval_set.images[:count],
+        tokens=eval_set.tokens[kept],
+        text_to_image=eval_set.text_to_image[kept],
+        keys=eval_set.keys[:count],
+        captions=[eval_set.captions[i] for i in kept.tolist()],
+        skipped=eval_set.skipped,
+    )
+
+
 def load_eval_set(urls: ShardSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> EvalSet:
     """All samples of ``urls`` in shard order; each image's captions are its json "captions"
     list, else its .txt caption. ``InputError`` when nothing matches or no sample is good."""

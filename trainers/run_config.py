@@ -192,6 +192,11 @@ class DistillConfig(BaseModel):
         "scale on bigger eval sets); the set must split into whole folds or be at most one; "
         "None ranks the whole set",
     )
+    eval_max_images: PositiveInt | None = Field(
+        default=None,
+        description="score only the eval set's first this many images and their captions "
+        "(a quicker eval where its noise does not matter, e.g. a teacher's report); None: all",
+    )
     ema_decay: float | None = Field(
         default=None,
         gt=0,
