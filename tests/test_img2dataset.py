@@ -16,6 +16,7 @@ import csv
 import functools
 import http.server
 import json
+import math
 import os
 import random
 import re
@@ -25,6 +26,7 @@ import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -194,13 +196,34 @@ def test_img2dataset_shards_check_and_train_as_they_are(tiny_teacher, tmp_path):
     assert [h["samples_seen"] for h in history] == [2 * batch, 4 * batch]
     final = json.loads((out / "train" / "metrics.json").read_text())["metrics"]
     assert final["step"] == steps
-    # Eval ran over exactly the 38 downloaded images (one caption each): every recall is a
-    # whole number of hits out of 38, and rsum is their sum.
+    # Eval ranked exactly the downloaded images (one caption each), and every recall is the
+    # mean expected hit over them under a random order of tied items, recomputed here by hand
+    # from the checkpoint's per-query counts.
+    ranks_file = max(out.glob("train/checkpoint_*/eval_ranks.npz"))  # the last step's
+    with np.load(ranks_file) as saved:
+        ranks = {name: saved[name].tolist() for name in saved.files}
+    assert ranks["text_to_image"] == list(range(SERVED))
+    assert len(ranks["i2t_rank"]) == SERVED
     recalls = {k: v for k, v in final.items() if re.fullmatch(r"(t2i|i2t)_R\d+", k)}
     assert len(recalls) >= 4
     for name, value in recalls.items():
-        hits = value * SERVED / 100
-        assert hits == pytest.approx(round(hits), abs=1e-6), (name, value)
+        k = int(name.split("_R")[1])
+        if name.startswith("t2i"):
+            hits = [
+                min(max(k - above, 0), tied + 1) / (tied + 1)
+                for above, tied in zip(ranks["t2i_rank"], ranks["t2i_ties"], strict=True)
+            ]
+        else:
+            # No own caption in the first k - above places of a random order of the band.
+            hits = [
+                1
+                - math.comb(tied, min(max(k - above, 0), tied + own))
+                / math.comb(tied + own, min(max(k - above, 0), tied + own))
+                for above, tied, own in zip(
+                    ranks["i2t_rank"], ranks["i2t_ties"], ranks["i2t_own"], strict=True
+                )
+            ]
+        assert value == pytest.approx(100 * sum(hits) / SERVED), name
     assert final["rsum"] == pytest.approx(sum(recalls.values()))
     # The teacher cache was built from img2dataset's shards, every sample kept.
     (manifest,) = home.glob("**/manifest.json")
