@@ -169,22 +169,35 @@ class Design:
             return math.nan
         if len(self.looks) == 1:
             return float(p[0])
-        table = _nominal_table(self.looks, self.spending)
+        columns = _log_columns(self.looks, self.spending)
         best = 1.0
         for k, value in enumerate(p):
             if math.isnan(value):
                 continue
-            best = min(best, _invert(table[:, k], float(value)))
+            best = min(best, _invert(columns[k], float(value)))
         return best
 
 
-def _invert(levels: np.ndarray, p: float) -> float:
+@cache
+def _log_columns(
+    looks: tuple[int, ...], spending: str
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
+    """Per look: (its nominal levels, their logs where positive, the matching logs of
+    _LEVELS), so that inverting a look's p-value costs one interpolation."""
+    table = _nominal_table(looks, spending)
+    out = []
+    for k in range(table.shape[1]):
+        levels = table[:, k]
+        positive = levels > 0
+        out.append((levels, np.log(levels[positive]), np.log(_LEVELS[positive])))
+    return tuple(out)
+
+
+def _invert(column: tuple[np.ndarray, np.ndarray, np.ndarray], p: float) -> float:
     """The level a at which the look's nominal level equals ``p`` (log-log interpolation)."""
+    levels, log_levels, log_targets = column
     if p <= levels[0]:
         return float(_LEVELS[0])
     if p > levels[-1]:
         return 1.0
-    positive = levels > 0
-    return float(
-        np.exp(np.interp(math.log(p), np.log(levels[positive]), np.log(_LEVELS[positive])))
-    )
+    return float(np.exp(np.interp(math.log(p), log_levels, log_targets)))

@@ -149,14 +149,17 @@ def decide(
     active = list(range(m))
     used = [0] * m
     verdicts: tuple[str, ...] = (OPEN,) * m
+    ps: list[tuple[float, float]] = [(np.nan, np.nan)] * m
+    means = [np.nan] * m
     plan = design.looks if race else design.looks[-1:]
     for n in plan:
+        # A cell that left the race keeps its looks, so its p-values and mean stand as they were.
         for c in active:
             test = paired_gain_test(gains[c, :n], boot[c, :n])
             looks[c].append(LookP.of(test, scenario.margin))
             used[c] = n
-        ps = [sequential_p(look, design if race else Design((n,))) for look in looks]
-        means = [float(gains[c, : used[c]].mean()) for c in range(m)]
+            ps[c] = sequential_p(looks[c], design if race else Design((n,)))
+            means[c] = float(gains[c, :n].mean())
         result = family_verdicts(means, [p[0] for p in ps], [p[1] for p in ps], scenario.alpha)
         verdicts = result.verdicts
         active = [c for c in active if not leaves_race(verdicts[c])]
