@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -222,7 +223,9 @@ def _provenance(argv: list[str]) -> dict[str, Any]:
         return platform.processor()
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    return {"command": " ".join(["python", "benchmarks/noise_budget.py", *argv]),
+    # The driver that called this, so each benchmark's record names its own command.
+    script = os.path.relpath(sys.argv[0]) if sys.argv[0] else "benchmarks/noise_budget.py"
+    return {"command": " ".join(["python", script, *argv]),
             "commit": commit.strip(), "date": time.strftime("%Y-%m-%d"), "cpu": cpu(),
             "cores": multiprocessing.cpu_count(), "torch": torch.__version__,
             "ray": ray.__version__, "device": "cpu"}  # fmt: skip
