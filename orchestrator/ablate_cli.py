@@ -30,6 +30,7 @@ from orchestrator.ablation_spec import (
     pair_sets_by_name,
     resolve_spec,
 )
+from orchestrator.assets import teacher_provenance
 from orchestrator.cli import EXIT_INTERRUPTED
 from orchestrator.cli_flags import (
     AMP_HELP,
@@ -536,9 +537,14 @@ def _resolve_around_ray(
     """``spec`` resolved with Ray started after the teacher and before its cache
     (``orchestrator.assets.resolve_run_around_ray``)."""
     # Tune's status table is the progress; per-worker logs would drown it.
-    return resolve_spec(
+    spec = resolve_spec(
         spec, workspace, use_cache, start_ray=lambda: init_ray(address, log_to_driver=False)
     )
+    if spec.needs_teacher:
+        teacher, trained_on = teacher_provenance(spec.run)
+        _say(f"teacher: {teacher}, trained on {trained_on}")
+        tracking.record_teacher(spec.tracking_uri, spec.experiment_name, teacher, trained_on)
+    return spec
 
 
 def _demo(args: argparse.Namespace) -> int:

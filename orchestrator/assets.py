@@ -6,6 +6,8 @@ so repeated commands reuse them and a changed setting rebuilds only what it affe
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any
 from orchestrator.config import Workspace
 from trainers.run_config import DistillConfig
 
+BUILTIN_TEACHER = "conaclip-teacher"
 BUILTIN_TRAIN_SAMPLES = 12_000
 # Five folds of 1,000 (eval_fold_size): rsum keeps the 1k scale while the eval set's own noise
 # in a gain shrinks (docs/results/noise_budget.json measures by how much, and at what cost).
@@ -65,8 +68,8 @@ def ensure_builtin_teacher(
     def on_progress(step: int, total: int, samples_per_s: float, loss: float) -> None:
         nonlocal bar
         if bar is None:
-            _say(f"teacher: training {cfg.student} from scratch, {total} steps x "
-                 f"{cfg.batch_size}{', bfloat16 autocast' if cfg.amp else ''} "
+            _say(f"teacher: training {cfg.student} from scratch on {shards.train}, {total} "
+                 f"steps x {cfg.batch_size}{', bfloat16 autocast' if cfg.amp else ''} "
                  "(first use; cached afterwards)")  # fmt: skip
             bar = tqdm(total=total, desc="teacher", unit="step", file=sys.stderr)
         bar.set_postfix_str(f"loss {loss:.3f}, {samples_per_s:.0f} samples/s", refresh=False)
@@ -79,8 +82,79 @@ def ensure_builtin_teacher(
 
     result = train_teacher(cfg, workspace.teacher_dir, on_report=on_report, on_progress=on_progress)
     if result.reused:
-        _say(f"teacher: reusing {result.checkpoint}")
+        _say(f"teacher: reusing {result.checkpoint} (trained on {shards.train})")
     return result.name, str(result.checkpoint), result.metrics
+
+
+def _shard_files(spec: str) -> list[str] | None:
+    """The files a shard spec names, resolved and sorted; None when it names none (gone)."""
+    from trainers.errors import InputError
+    from trainers.shards import expand_urls
+
+    try:
+        return sorted(os.path.realpath(u) if "://" not in u else u for u in expand_urls(spec))
+    except InputError:
+        return None
+
+
+def teachers_trained_on(workspace: Workspace, train_shards: str) -> list[Path]:
+    """Checkpoints of built-in-architecture teachers in ``workspace`` trained on exactly the
+    shard files ``train_shards`` names (``conaclip teacher train --train-shards``), oldest
+    first."""
+    from trainers.teacher import RESULT_FILE
+
+    wanted = _shard_files(train_shards)
+    found: list[tuple[float, Path]] = []
+    for result in workspace.teacher_dir.glob(f"{BUILTIN_TEACHER}-*/{RESULT_FILE}"):
+        try:
+            saved = json.loads(result.read_text())
+            checkpoint = result.parent / saved["checkpoint"]
+            trained_on = saved["config"]["train_shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a teacher still training, or a file of an older layout
+        if checkpoint.is_file() and _shard_files(trained_on) == wanted:
+            found.append((result.stat().st_mtime, checkpoint))
+    return [path for _, path in sorted(found)]
+
+
+def own_data_teacher(workspace: Workspace, cfg: DistillConfig) -> str:
+    """The built-in teacher architecture for a run on the user's own train shards: the one
+    trained on those shards (``conaclip teacher train``), trained now on first use. Never the
+    teacher of the built-in data: a student distilled on one data set from a teacher of another
+    is not what the user asked for. ``InputError`` naming the checkpoints when several were
+    trained on these shards (which one is the user's choice, ``--teacher-checkpoint``)."""
+    from trainers.errors import InputError
+
+    train = str(cfg.train_shards)
+    found = teachers_trained_on(workspace, train)
+    if len(found) > 1:
+        raise InputError(
+            f"--teacher {BUILTIN_TEACHER}: {len(found)} teachers in {workspace.teacher_dir} "
+            f"were trained on {train}; name one with --teacher-checkpoint: "
+            + ", ".join(str(path) for path in found)
+        )
+    if found:
+        _say(f"teacher: {BUILTIN_TEACHER} trained on {train}: {found[0]}")
+        return str(found[0])
+    _say(f"teacher: no {BUILTIN_TEACHER} trained on {train} in {workspace.teacher_dir} yet")
+    own = Shards(train=train, eval=str(cfg.eval_shards))
+    return ensure_builtin_teacher(workspace, own)[1]
+
+
+def teacher_provenance(cfg: DistillConfig) -> tuple[str, str]:
+    """(``name (checkpoint)``, what it was trained on) for a resolved run's teacher: a
+    conaclip-trained teacher's train shards from the record beside its weights, else what the
+    checkpoint itself is."""
+    from trainers.teacher import RESULT_FILE
+
+    name = f"{cfg.teacher} ({cfg.teacher_checkpoint or 'random initial weights'})"
+    if not cfg.teacher_checkpoint:
+        return name, "nothing (no checkpoint: random initial weights)"
+    record = Path(cfg.teacher_checkpoint).parent / RESULT_FILE
+    try:
+        return name, str(json.loads(record.read_text())["config"]["train_shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return name, "not trained by conaclip (the checkpoint's own pre-training)"
 
 
 def resolve_run(
@@ -91,17 +165,22 @@ def resolve_run(
 ) -> DistillConfig:
     """Fill the built-in data, teacher, teacher cache and eval-set cache into ``cfg`` where it
     names none; the teacher and its cache only when ``needs_teacher`` (default: whether
-    ``cfg``'s own pairs read it; an ablation passes whether any of its pair sets does)."""
+    ``cfg``'s own pairs read it; an ablation passes whether any of its pair sets does). The
+    built-in teacher architecture without a checkpoint is the one trained on the run's train
+    shards: the built-in data's, or the user's own (``own_data_teacher``)."""
     needs_teacher = cfg.needs_teacher if needs_teacher is None else needs_teacher
     updates: dict[str, Any] = {}
+    own_train = bool(cfg.train_shards)
     if not cfg.train_shards or not cfg.eval_shards:
         shards = ensure_builtin_data(workspace)
         updates["train_shards"] = cfg.train_shards or shards.train
         updates["eval_shards"] = cfg.eval_shards or shards.eval
         cfg = cfg.model_copy(update=updates)
-    if needs_teacher and cfg.teacher == "conaclip-teacher" and not cfg.teacher_checkpoint:
-        shards = ensure_builtin_data(workspace)
-        _, checkpoint, _ = ensure_builtin_teacher(workspace, shards)
+    if needs_teacher and cfg.teacher == BUILTIN_TEACHER and not cfg.teacher_checkpoint:
+        if own_train:
+            checkpoint = own_data_teacher(workspace, cfg)
+        else:
+            _, checkpoint, _ = ensure_builtin_teacher(workspace, ensure_builtin_data(workspace))
         cfg = cfg.model_copy(update={"teacher_checkpoint": checkpoint})
     if needs_teacher and use_teacher_cache and not cfg.teacher_cache:
         cache = ensure_teacher_cache(cfg, workspace)

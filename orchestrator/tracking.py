@@ -51,6 +51,9 @@ BASE_COLUMNS = ("run_id", "run_name", "experiment_id", "status", "start_time", "
 # A race's design on its experiment: the table of a race reads its looks from there.
 RACE_TAG = "conaclip.race"  # JSON: start_seeds, max_seeds, first_seed, spending, margin, metric
 MARGIN_TAG = "conaclip.margin"  # the equivalence margin the last table used
+# On the ablation's run: the teacher its students were distilled from, and its training data.
+TEACHER_TAG = "conaclip.teacher"
+TEACHER_DATA_TAG = "conaclip.teacher_trained_on"
 # Database back ends MLflow accepts besides sqlite; they are checked by MLflow itself.
 _DB_SCHEMES = ("postgresql", "mysql", "mssql")
 
@@ -284,6 +287,15 @@ def record_margin(tracking_uri: str, experiment: str, margin: float) -> None:
     client(tracking_uri).set_experiment_tag(found.experiment_id, MARGIN_TAG, repr(float(margin)))
     run_id = summary_run_id(tracking_uri, experiment)
     client(tracking_uri).set_tag(run_id, MARGIN_TAG, repr(float(margin)))
+
+
+def record_teacher(tracking_uri: str, experiment: str, teacher: str, trained_on: str) -> None:
+    """Name the ablation's teacher (``name (checkpoint)``) and the data it was trained on on
+    the ablation's own run, beside its table."""
+    run_id = summary_run_id(tracking_uri, experiment)
+    mlflow_client = client(tracking_uri)
+    mlflow_client.set_tag(run_id, TEACHER_TAG, teacher)
+    mlflow_client.set_tag(run_id, TEACHER_DATA_TAG, trained_on)
 
 
 def summary_run_id(tracking_uri: str, experiment: str) -> str:

@@ -12,6 +12,7 @@ from orchestrator.assets import (
     ensure_builtin_data,
     ensure_builtin_teacher,
     resolve_run_around_ray,
+    teacher_provenance,
 )
 from orchestrator.cli_flags import AMP_HELP, add_shared_flags, run_flags, workspace_of
 from orchestrator.config import Workspace, build_settings, read_yaml
@@ -81,6 +82,9 @@ def _train(args: argparse.Namespace) -> int:
         settings.run, workspace, settings.use_teacher_cache, lambda: init_ray(args.address)
     )
     run_name = args.name or "train"
+    if cfg.needs_teacher:
+        teacher, trained_on = teacher_provenance(cfg)
+        print(f"teacher: {teacher}, trained on {trained_on}", flush=True)
     print(
         f"training {', '.join(p.pair for p in cfg.pairs)} on "
         f"{settings.scaling.num_workers} worker(s), {cfg.steps} steps -> {out}",

@@ -1,8 +1,9 @@
 """Shards written by the real img2dataset CLI, read by conaclip as they are.
 
 Images are served by an HTTP server on 127.0.0.1 (two listed URLs are missing on purpose);
-img2dataset downloads them into webdataset shards; `conaclip data check` and a short
-`conaclip train` (teacher cache included) then run on that folder with no conversion.
+img2dataset downloads them into webdataset shards; `conaclip data check`, `conaclip teacher
+train` and a short `conaclip train` (teacher cache included, the teacher of these shards and
+not the built-in data's) then run on that folder with no conversion.
 
 img2dataset lives in a venv of its own (`make img2dataset`, run by `make test`): it needs
 pandas < 3 and webdataset 0.2.x, which the product venv does not allow. Its executable is
@@ -96,7 +97,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_img2dataset_shards_check_and_train_as_they_are(tiny_teacher, tmp_path):
+def test_img2dataset_shards_check_and_train_as_they_are(tmp_path):
     exe = img2dataset_executable()
     www = tmp_path / "www"
     www.mkdir()
@@ -172,14 +173,25 @@ def test_img2dataset_shards_check_and_train_as_they_are(tiny_teacher, tmp_path):
         per_shard[tar.name] = int(line.group(1))
     assert per_shard == {t.name: s["successes"] for t, s in zip(tars, stats, strict=True)}
 
-    # --- a short conaclip train on the same folder, through the teacher cache
+    # --- the built-in teacher architecture trained on these shards, as a user would
     out, home = tmp_path / "train", tmp_path / "home"
     steps, batch = 4, 8
+    teacher = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "teacher", "train", "--train-shards",
+         str(shards), "--eval-shards", str(shards), "--steps", "2", "--batch-size", "8",
+         "--home", str(home)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert teacher.returncode == 0, teacher.stdout[-2000:] + teacher.stderr[-4000:]
+    own_teacher = json.loads(teacher.stdout)["checkpoint"]
+    assert f"from scratch on {shards}" in teacher.stderr
+
+    # --- a short conaclip train on the same folder, through the teacher cache: with no
+    # teacher named, it distils from the teacher of these shards, never the built-in data's
     train = subprocess.run(
         [
             sys.executable, "-m", "orchestrator.cli", "train",
             "--train-shards", str(shards), "--eval-shards", str(shards),
-            "--teacher-checkpoint", str(tiny_teacher.checkpoint),
             "--student", "conaclip-student-xs", "--pairs", "intra_ts:infonce",
             "--steps", str(steps), "--eval-every", "2", "--batch-size", str(batch),
             "--home", str(home), "--out", str(out),
@@ -190,11 +202,15 @@ def test_img2dataset_shards_check_and_train_as_they_are(tiny_teacher, tmp_path):
         pytest.fail(
             f"train exited {train.returncode}:\n{train.stdout[-2000:]}\n{train.stderr[-4000:]}"
         )
+    assert f"teacher: conaclip-teacher ({own_teacher}), trained on {shards}\n" in train.stdout
+    assert not (home / "data").exists()  # the built-in data set was never generated
     history = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().split(
         "\n") if line]  # fmt: skip
     assert [h["step"] for h in history] == [2, 4]
     assert [h["samples_seen"] for h in history] == [2 * batch, 4 * batch]
-    final = json.loads((out / "train" / "metrics.json").read_text())["metrics"]
+    summary = json.loads((out / "train" / "metrics.json").read_text())
+    assert summary["config"]["teacher_checkpoint"] == own_teacher
+    final = summary["metrics"]
     assert final["step"] == steps
     # Eval ranked exactly the downloaded images (one caption each), and every recall is the
     # mean expected hit over them under a random order of tied items, recomputed here by hand
