@@ -198,9 +198,9 @@ def resolve_run_around_ray(
     needs_teacher: bool | None = None,
 ) -> DistillConfig:
     """``resolve_run`` with Ray started in between: the data and the teacher are made in this
-    process before the cluster exists, because an idle local cluster's daemons slowed the
-    built-in teacher's training from 185 to 172 samples/s on 2 cores; the teacher cache is
-    built by Ray tasks, so after ``start_ray``."""
+    process before the cluster exists, because an idle local cluster's daemons take CPU time
+    from the teacher's training on a small machine; the teacher cache is built by Ray tasks,
+    so after ``start_ray``."""
     cfg = resolve_run(cfg, workspace, False, needs_teacher)
     start_ray()
     return resolve_run(cfg, workspace, use_teacher_cache, needs_teacher)

@@ -1,4 +1,4 @@
-"""The `conaclip` command line: one subcommand per step of the data flow (README).
+"""The `conaclip` command line: one subcommand per step of the data flow.
 
 Each area registers its subcommands from its own module (``register(subparsers)``) so the
 parser stays one place to read and each handler stays next to the code it drives. A handler

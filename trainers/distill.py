@@ -202,7 +202,7 @@ class DistillationRun:
         tokens = batch["text"].to(device, non_blocking=True)
         self.skipped += int(batch.get("skipped", 0))
         # bfloat16 autocast on CPU too: matmuls run on AVX-512 BF16 where the CPU has it
-        # (README "Teacher pre-training"); weights and optimizer state stay float32.
+        # (trainers.precision decides where it pays); weights and optimizer state stay float32.
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
         with autocast:
             student = self.model(images, tokens)

@@ -30,8 +30,8 @@ def adamw(model: DistillStudent, lr: float, weight_decay: float) -> torch.optim.
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
-    # fused: one kernel over all parameters; on 2 CPU cores the teacher's step takes 17 ms
-    # instead of 77 ms (the token embedding alone is 12.6M parameters), same update rule.
+    # fused: one kernel over all parameters instead of a loop of small ones per tensor (the
+    # token embedding dominates the teacher's parameters), same update rule.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 

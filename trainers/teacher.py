@@ -25,11 +25,11 @@ from trainers.precision import bf16_autocast_pays
 from trainers.run_config import DistillConfig
 
 RESULT_FILE = "teacher.json"
-# The built-in teacher's budget: what `make demo` trains on first use (about 3 minutes on 2
-# cores), in float32 and where bfloat16 autocast pays (about 1.3x the samples/s there), with
-# its peak learning rate; measured on the built-in data with the resnet10t image tower
-# (README "Teacher pre-training"): 600 bfloat16 steps reach rsum 349.2 over 3 seeds at 1e-3,
-# 332.5 at 5e-4 and 250.1 at 2e-3 (seed 0). One default for every caller: ``teacher_steps``.
+# The built-in teacher's budget: what `make demo` trains on first use, in float32 and where
+# bfloat16 autocast pays (more samples/s there, so more steps in the same time), with its peak
+# learning rate, chosen over a sweep of learning rates on the built-in data with the resnet10t
+# image tower (benchmarks/teacher_budget.py measures it). One default for every caller:
+# ``teacher_steps``.
 TEACHER_STEPS = 400
 TEACHER_STEPS_BF16 = 600
 TEACHER_LR = 1e-3
