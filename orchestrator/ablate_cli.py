@@ -463,7 +463,9 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-concurrent-trials",
         type=int,
-        help="cap on trials at once (default: what free resources hold)",
+        help="trials at once, as given even beyond what is free now (on an autoscaling "
+        "cluster the waiting ones make it grow; each waits at most start_timeout_s); "
+        "default: what free resources hold",
     )
     group.add_argument(
         "--tune-output",

@@ -4,7 +4,8 @@ The search space is a Tune grid over pair-set names and seeds (or over an explic
 (pair set, seed) trials, which a race round needs: its trials are not always a full product);
 the pair sets themselves come from a preset (``search_spaces``) or the user, validated against
 ``trainers.graph`` before anything starts, so an invalid pair never reaches a trial. Tune runs
-as many trials at once as the cluster's free resources hold (``max_concurrent_trials``), so one
+as many trials at once as the cluster's free resources hold, or as many as
+``max_concurrent_trials`` says (an autoscaling cluster grows for the trials that wait), so one
 command fills a laptop or a large cluster. Trial errors do not stop the others: ``Tuner.fit``
 returns a ResultGrid, and ``AblationOutcome.failed`` names each failed trial and where its
 error is. What an ablation is (``AblationSpec`` and its storage) is ``orchestrator.ablation_spec``;
@@ -37,6 +38,13 @@ from search_spaces.presets import PairSet
 from trainers.errors import InputError
 
 TRIAL_DRIVER_MEMORY = 64 * 1024 * 1024  # bytes of Ray's logical memory resource
+# Every Ray cluster's head node holds 1 of this resource (Ray Train pins its state actor there
+# the same way). A trial actor holding a sliver of it runs on the head, and so does the Train
+# controller Ray starts beside it: on a cluster whose worker nodes come and go (idle ones
+# released, spot ones reclaimed) a lost worker node then takes only Train workers, which the
+# controller restarts on another node (``max_failures``), never the trial itself.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY, HEAD_NODE_RESOURCE: 0.001}
 
 
 def _pair_set_of(config: dict[str, Any]) -> str:
@@ -122,12 +130,18 @@ def trials_that_fit(free: dict[str, float], need: dict[str, float], cap: int | N
 
 
 def max_concurrent(spec: AblationSpec) -> int:
-    """Trials that fit the cluster's free resources at once (at least one)."""
+    """Trials Tune runs at once: ``spec.max_concurrent_trials`` as given, else what the
+    cluster's free resources hold now (at least one).
+
+    A given number is not cut to the free resources: on an autoscaling cluster those are what
+    the nodes up now hold (none on a cluster that starts at ``min_workers: 0``), and trials
+    waiting for their placement groups are the demand that makes the autoscaler add nodes. A
+    trial that gets no resources within ``start_timeout_s`` fails saying so."""
     import ray
 
-    return trials_that_fit(
-        ray.available_resources(), spec.scaling.trial_resources(), spec.max_concurrent_trials
-    )
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    return trials_that_fit(ray.available_resources(), spec.scaling.trial_resources())
 
 
 @dataclass
@@ -223,7 +237,8 @@ def _tuner(spec: AblationSpec, resume: bool, extra_callbacks: tuple = ()):
 
     # The trial function only drives its Train run, so it must not hold a CPU that a Train
     # worker could use; Tune refuses an empty request, and a token of memory holds nothing back.
-    trainable = tune.with_resources(distill_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    # On the head node (TRIAL_DRIVER_RESOURCES).
+    trainable = tune.with_resources(distill_trial, dict(TRIAL_DRIVER_RESOURCES))
     path = spec.tune_dir / spec.name
     if resume:
         if not tune.Tuner.can_restore(str(path)):
