@@ -4,14 +4,16 @@ the body of a Ray Tune function trainable (the Ray 2.x way to run Train inside T
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +33,10 @@ HEALTH_CHECK_INTERVAL_S = 0.25
 # prints nothing. ScalingSpec.start_timeout_s bounds the attempts together instead.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_ATTEMPT_S = 60.0
+# How long a trial whose Train worker stopped answering waits for the GCS to say whether the
+# worker's node died. The GCS declares a node dead after health_check_failure_threshold (5)
+# missed checks health_check_period_ms (3 s) apart: about 15 s with Ray's defaults.
+NODE_DEATH_WAIT_S = 30.0
 PROGRESS_KEYS = ("step", "loss", "rsum", "t2i_R1", "i2t_R1", "samples_per_s", "skipped_samples")
 
 
@@ -48,6 +54,12 @@ class ScalingSpec(BaseModel):
         default=600.0,
         gt=0,
         description="longest a trial waits for its workers' resources before it fails",
+    )
+    device: Literal["auto", "cpu"] = Field(
+        default="auto",
+        description="auto: train on what Ray Train hands each worker (its GPU when it holds "
+        "one); cpu: train on CPU while still holding the GPU share, to check GPU scheduling "
+        "(packing, waiting) on a machine without CUDA",
     )
 
     def start_attempts(self) -> tuple[float, int]:
@@ -116,9 +128,11 @@ def make_torch_trainer(
 
     Checkpoints (newest two kept) and Ray's run state live in ``storage_path/run_name``; a
     failed worker group restarts from the newest checkpoint up to ``max_failures`` times.
-    DDP uses gloo on CPU and nccl on GPU (Ray's TorchConfig default).
+    DDP uses gloo on CPU and nccl on GPU (Ray's TorchConfig default); GPU workers that train
+    on CPU (``device: cpu``) use gloo and ``train_on_cpu``.
     """
     import ray.train
+    from ray.train.torch import TorchConfig
 
     from orchestrator.lean_trainer import LeanTorchTrainer
     from trainers.distill import train_loop_per_worker
@@ -129,9 +143,16 @@ def make_torch_trainer(
     all_callbacks = list(callbacks or [])
     if progress:
         all_callbacks.append(_progress_callback(cfg.steps, history_file, prefix=""))
+    loop = train_loop or train_loop_per_worker
+    torch_config = None
+    if scaling.use_gpu and scaling.device == "cpu":
+        # Ray picks nccl for workers that hold GPUs; a CPU process group needs gloo.
+        torch_config = TorchConfig(backend="gloo")
+        loop = functools.partial(train_on_cpu, loop)
     return LeanTorchTrainer(
-        train_loop or train_loop_per_worker,
+        loop,
         train_loop_config=cfg.model_dump(mode="json"),
+        torch_config=torch_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -149,6 +170,33 @@ def make_torch_trainer(
             callbacks=all_callbacks,
         ),
     )
+
+
+def train_on_cpu(loop: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """``loop(config)`` in a Train worker that holds GPUs, trained on CPU (``device: cpu``).
+
+    Ray hands the worker its GPU ids (``ray.get_gpu_ids()``, ``CUDA_VISIBLE_DEVICES``) as to
+    any GPU worker; only the torch device changes: this process's Ray torch device manager
+    becomes the CPU one, so ``ray.train.torch.get_device()`` (what the loop trains on) and
+    Ray's own per-device steps are CPU. One line on stdout (the worker's log) says what the
+    worker holds and where it trains."""
+    import ray
+    import ray.train
+    from ray.air._internal import device_manager
+
+    # Ray keeps one device manager per process, chosen from the accelerator ids the worker
+    # holds (the CUDA one for a GPU); the worker group's start already made it, so replace it.
+    with device_manager._torch_device_manager_lock:
+        device_manager._torch_device_manager = device_manager.CPUTorchDeviceManager()
+    context = ray.train.get_context()
+    held = json.dumps([str(gpu) for gpu in ray.get_gpu_ids()])
+    print(
+        f"conaclip: Train worker rank {context.get_world_rank()} of run "
+        f"{context.get_experiment_name()} holds GPU ids {held} (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}) and trains on cpu (device: cpu)",
+        flush=True,
+    )
+    return loop(config)
 
 
 def start_timeout_env(scaling: ScalingSpec) -> contextlib.AbstractContextManager[None]:
@@ -264,6 +312,58 @@ def memory_cause(text: str) -> str | None:
     return None
 
 
+def node_cause(text: str) -> str | None:
+    """What Ray's error text says about a process whose node died (a lost or released
+    machine): its lines naming the node's death and how it ended, as one line; None otherwise."""
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    said = [line for line in lines if "node has died" in line or "node was terminated" in line]
+    return "; ".join(said)[:300] or None
+
+
+def _dead_node_reason(node_id: str, wait_s: float) -> str | None:
+    """Ray's reason for the death of node ``node_id`` (``ray.nodes()``, read from the GCS),
+    waiting up to ``wait_s`` for the GCS to decide; None while it stays alive or is unknown."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        if node is None:
+            return None
+        if not node.get("Alive", True):
+            return node.get("DeathReasonMessage") or "no reason recorded"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.5)
+
+
+def lost_node_line(failure: BaseException, wait_s: float | None = None) -> str | None:
+    """``node <id> died (<Ray's reason>)`` when ``failure``, a Train worker's health-check
+    failure, came from the loss of the worker's node; None otherwise.
+
+    A worker whose node vanishes (a reclaimed or crashed machine) stops answering: the
+    controller's poll meets a broken connection (``ActorUnavailableError``), usually before
+    the GCS has declared the node dead, so for that error alone the node's state is asked
+    for, up to ``wait_s`` (default ``NODE_DEATH_WAIT_S``). A failure that already says its
+    node died (``ActorDiedError``) is taken as it is; a worker process that died on a live
+    node (killed, out of memory) is an ``ActorDiedError`` too, so it never waits."""
+    from ray.exceptions import ActorUnavailableError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    if not isinstance(failure, WorkerHealthCheckFailedError):
+        return None
+    inner = failure.health_check_failure
+    said = node_cause(str(inner))
+    if said:
+        return said
+    # The failure's text names the worker (Ray's "Worker info", with its node_id).
+    node = re.search(r"node_id='([0-9a-f]+)'", str(failure))
+    if node is None or not isinstance(inner, ActorUnavailableError):
+        return None
+    reason = _dead_node_reason(node.group(1), NODE_DEATH_WAIT_S if wait_s is None else wait_s)
+    return f"node {node.group(1)} died ({reason})" if reason else None
+
+
 def _memory_detail(text: str) -> str:
     """The sentence of Ray's message that says how much memory was in use or how the
     process exited, else its start."""
@@ -297,10 +397,18 @@ def failure_line(error: BaseException, scaling: ScalingSpec) -> str:
         return f"{type(cause).__name__}: {_first_line(cause)}"
     if isinstance(error, WorkerGroupError):
         for rank, failure in sorted(error.worker_failures.items()):
+            lost = lost_node_line(failure)
+            if lost:
+                return f"worker rank {rank} lost with its node: {lost}"
+        for rank, failure in sorted(error.worker_failures.items()):
             cause = memory_cause(f"{type(failure).__name__}: {failure}")
             if cause:
                 return f"{cause}: worker rank {rank}: {_memory_detail(str(failure))}"
         rank, failure = min(error.worker_failures.items(), key=lambda item: item[0])
+        inner = getattr(failure, "health_check_failure", None)
+        if inner is not None:  # what the controller's poll of the worker met
+            return (f"worker rank {rank} failed its health check: {type(inner).__name__}: "
+                    f"{_first_line(inner)}")  # fmt: skip
         return f"worker rank {rank}: {type(failure).__name__}: {_first_line(failure)}"
     cause = memory_cause(f"{type(error).__name__}: {error}")
     if cause:
@@ -316,6 +424,9 @@ def error_reason(error: BaseException | None) -> str | None:
     cause = getattr(error, "cause", None) or error
     if isinstance(cause, TrialFailed):
         return str(cause)
+    node = node_cause(str(cause))
+    if node:
+        return f"the trial's own actor died with its node: {node}"
     memory = memory_cause(f"{type(cause).__name__}: {cause}")
     if memory:
         return f"{memory}: the trial's own actor died ({_memory_detail(str(cause))})"
