@@ -20,6 +20,16 @@ from orchestrator.ray_cluster import descendant_pids, end_started, free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def own_port_flags() -> list[str]:
+    """`ray start --head` flags giving each of the head's other listeners a free port of its
+    own: another Ray cluster on this machine (the test session's, or a user's) holds the
+    defaults, and a clash silently disables the job agent."""
+    flags = ["--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--node-manager-port", "--object-manager-port"]  # fmt: skip
+    return [item for flag in flags for item in (flag, str(free_port()))]
+
+
 def _wait_for_dashboard(url: str, timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -49,16 +59,7 @@ def test_ray_job_submit_runs_an_ablation(tiny_shapes, tiny_teacher, tmp_path):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1],
-         "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
-         # Every port of its own: another Ray cluster on this machine (the test session's, or
-         # a user's) holds the defaults, and a clash silently disables the job agent.
-         "--dashboard-agent-listen-port", str(free_port()),
-         "--dashboard-agent-grpc-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()),
-         "--metrics-export-port", str(free_port()),
-         "--node-manager-port", str(free_port()),
-         "--object-manager-port", str(free_port()),
-         "--disable-usage-stats"],
+         "--num-cpus", "2", *own_port_flags(), "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     started: list[int] = []
