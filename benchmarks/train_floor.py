@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.run_timing import segments
+
 MODES = ("tune+train", "train", "tune")
 
 
@@ -91,16 +93,6 @@ def tune_trial(config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     fit_empty_trainer(make_loop(config["import_stack"]), config["storage"], f"trial-{trial_id}",
                       [TuneReportCallback()])  # fmt: skip
-
-
-def segments(started: float, completed: float, result: dict[str, Any]) -> dict[str, float]:
-    """One trial's split (seconds) from its start, its completion and its one report."""
-    return {
-        "to_loop": result["loop_started_unix"] - started,
-        "stack_import": result["stack_import_s"],
-        "after_loop": completed - result["reported_unix"],
-        "total": completed - started,
-    }
 
 
 def run_tune(args: argparse.Namespace, storage: Path) -> list[dict[str, float]]:

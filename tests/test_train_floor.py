@@ -1,4 +1,5 @@
-"""benchmarks/train_floor.py: its split of a trial, and one real run of empty trials."""
+"""A trial's split (``orchestrator.run_timing.segments``), and one real run of empty trials
+by benchmarks/train_floor.py, run as its users run it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.run_timing import segments
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_segments_split_a_trial_at_its_loop_start_and_report(benchmark_script):
+def test_segments_split_a_trial_at_its_loop_start_and_report():
     # Tune starts the trial at 100.0; the worker's loop starts at 108.5, spends 1.25 s importing
     # the stack and reports at 110.0; Tune marks the trial complete at 111.0.
     result = {"loop_started_unix": 108.5, "stack_import_s": 1.25, "reported_unix": 110.0}
-    split = benchmark_script("train_floor").segments(100.0, 111.0, result)
+    split = segments(100.0, 111.0, result)
     assert split == {"to_loop": 8.5, "stack_import": 1.25, "after_loop": 1.0, "total": 11.0}
 
 
