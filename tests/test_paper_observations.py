@@ -1,4 +1,4 @@
-"""benchmarks/paper_observations.py on a hand-made grid in runs_frame's column layout."""
+"""``orchestrator.paper_observations`` on a hand-made grid in runs_frame's column layout."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-
-@pytest.fixture(scope="module")
-def observations(benchmark_script):
-    return benchmark_script("paper_observations")
+from orchestrator import paper_observations as observations
+from trainers.errors import InputError
 
 
 def _runs() -> pd.DataFrame:
@@ -34,7 +32,7 @@ def _runs() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_sym_versus_standard_pairs_by_seed(observations):
+def test_sym_versus_standard_pairs_by_seed():
     by_seed = observations.metric_by_seed(_runs())
     assert by_seed.loc["baseline+inter_ts:sd"].tolist() == [110.0, 102.0, 104.0]
     (row,) = observations.sym_versus_standard(by_seed, "baseline")
@@ -46,10 +44,23 @@ def test_sym_versus_standard_pairs_by_seed(observations):
     assert row["p"] == pytest.approx(expected_p) and row["p_holm"] == pytest.approx(expected_p)
 
 
-def test_loss_spread_is_best_minus_worst_by_mean(observations):
+def test_loss_spread_is_best_minus_worst_by_mean():
     by_seed = observations.metric_by_seed(_runs())
     (row,) = observations.loss_spread(by_seed, "baseline")
     # means: sd 105.33, sym_sd 103, kl 99.67 -> sd minus kl: 5, 7, 5
     assert row["learning_type"] == "inter_ts"
     assert (row["first"], row["second"]) == ("baseline+inter_ts:sd", "baseline+inter_ts:kl")
     assert row["mean"] == pytest.approx(17 / 3)
+
+
+def test_observe_finds_the_tagged_baseline_and_names_a_missing_one():
+    found = observations.observe(_runs())
+    assert found.baseline == "baseline" and found.metric == "rsum"
+    by_seed = observations.metric_by_seed(_runs())
+    assert found.sym_vs_standard == observations.sym_versus_standard(by_seed, "baseline")
+    assert found.loss_spread == observations.loss_spread(by_seed, "baseline")
+    with pytest.raises(InputError, match="--baseline motis: no pair set of that name"):
+        observations.observe(_runs(), "motis")
+    untagged = _runs().assign(**{"tags.conaclip.baseline": "false"})
+    with pytest.raises(InputError, match=r"no pair set tagged conaclip\.baseline; name it"):
+        observations.observe(untagged)
