@@ -25,13 +25,21 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 def _registrars() -> list[Registrar]:
     """Modules that contribute subcommands."""
-    from orchestrator import ablate_cli, data_cli, export_cli, report_cli, train_cli
+    from orchestrator import (
+        ablate_cli,
+        data_cli,
+        export_cli,
+        observations_cli,
+        report_cli,
+        train_cli,
+    )
 
     return [
         data_cli.register,
         train_cli.register,
         ablate_cli.register,
         report_cli.register,
+        observations_cli.register,
         export_cli.register,
     ]
 
