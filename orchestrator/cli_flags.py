@@ -12,6 +12,34 @@ from orchestrator.config import Workspace
 DEFAULT_ABLATION_OUT = Path("runs/ablate")
 
 
+def add_ablation_source_flags(parser: argparse.ArgumentParser) -> None:
+    """``--experiment``, ``--tracking-uri``, ``--out`` and ``--from``: which finished ablation
+    (an MLflow store) or grid record a reading subcommand reads."""
+    parser.add_argument(
+        "--experiment", metavar="NAME", help="MLflow experiment (default: the newest ablation)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: sqlite:///<out>/mlruns.db)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_ABLATION_OUT,
+        metavar="DIR",
+        help=f"the ablation's output directory (default: {DEFAULT_ABLATION_OUT})",
+    )
+    parser.add_argument(
+        "--from",
+        dest="record",
+        type=Path,
+        metavar="DIR",
+        help="read a grid record (runs.csv, ranks.npz, grid.json: `conaclip table --record`) "
+        "instead of an MLflow store: the table and verdict re-derived without training",
+    )
+
+
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that mean the same in every subcommand."""
     group = parser.add_argument_group("data and models")

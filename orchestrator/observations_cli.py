@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import paper_observations
-from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
+from orchestrator.cli_flags import add_ablation_source_flags
 from orchestrator.reports import ReportSource
 
 
@@ -29,29 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`conaclip best --verify`. Reads a finished ablation's MLflow store or a grid record "
         "(--from DIR).",
     )
-    parser.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (default: the newest ablation)"
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: sqlite:///<out>/mlruns.db)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_ABLATION_OUT,
-        metavar="DIR",
-        help=f"the ablation's output directory (default: {DEFAULT_ABLATION_OUT})",
-    )
-    parser.add_argument(
-        "--from",
-        dest="record",
-        type=Path,
-        metavar="DIR",
-        help="read a grid record (runs.csv, ranks.npz, grid.json: `conaclip table --record`) "
-        "instead of an MLflow store",
-    )
+    add_ablation_source_flags(parser)
     parser.add_argument(
         "--baseline",
         metavar="NAME",

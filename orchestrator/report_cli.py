@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator import reports, stats, table_format
 from orchestrator.ablation import outcome_summary
-from orchestrator.cli_flags import DEFAULT_ABLATION_OUT
+from orchestrator.cli_flags import add_ablation_source_flags
 from orchestrator.verdicts import DEFAULT_MARGIN
 from trainers.errors import InputError
 
@@ -22,30 +22,7 @@ from trainers.errors import InputError
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of ``reports.ReportSource`` and ``reports.TableOptions``, with their defaults."""
     defaults = reports.TableOptions()
-    parser.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (default: the newest ablation)"
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: sqlite:///<out>/mlruns.db)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_ABLATION_OUT,
-        metavar="DIR",
-        help=f"the ablation's output directory; reports go under DIR/reports (default: "
-        f"{DEFAULT_ABLATION_OUT})",
-    )
-    parser.add_argument(
-        "--from",
-        dest="record",
-        type=Path,
-        metavar="DIR",
-        help="read a grid record (runs.csv, ranks.npz, grid.json: `conaclip table --record`) "
-        "instead of an MLflow store: the table and verdict re-derived without training",
-    )
+    add_ablation_source_flags(parser)
     parser.add_argument(
         "--metric",
         default=defaults.metric,
