@@ -48,7 +48,7 @@ from trainers.errors import InputError
 
 RACE_START_SEEDS = 2  # --seeds under --race: the fewest that give a t interval
 RACE_MAX_SEEDS = 5
-# The demo races its cells within the laptop budget its README section states.
+# The demo races its cells within a laptop's budget: ten minutes from an empty home.
 DEMO_START_SEEDS = 2
 DEMO_MAX_SEEDS = 6
 DEMO_BUDGET_S = 600  # the demo's promise: ten minutes from an empty home on a 2-core laptop
@@ -312,6 +312,7 @@ def _run(args: argparse.Namespace, spec: AblationSpec, use_cache: bool, resolved
     )
     if not resolved:
         spec = _resolve_around_ray(spec, workspace_of(args), use_cache, args.address)
+        _name_teacher(spec)
     else:
         # Tune's status table is the progress; per-worker logs would drown it.
         init_ray(args.address, log_to_driver=False)
@@ -539,14 +540,18 @@ def _resolve_around_ray(
     """``spec`` resolved with Ray started after the teacher and before its cache
     (``orchestrator.assets.resolve_run_around_ray``)."""
     # Tune's status table is the progress; per-worker logs would drown it.
-    spec = resolve_spec(
+    return resolve_spec(
         spec, workspace, use_cache, start_ray=lambda: init_ray(address, log_to_driver=False)
     )
+
+
+def _name_teacher(spec: AblationSpec) -> None:
+    """Say which teacher a resolved ablation distils from, and on what it was trained, on the
+    console and on the ablation's MLflow run (whose experiment exists by now)."""
     if spec.needs_teacher:
         teacher, trained_on = teacher_provenance(spec.run)
         _say(f"teacher: {teacher}, trained on {trained_on}")
         tracking.record_teacher(spec.tracking_uri, spec.experiment_name, teacher, trained_on)
-    return spec
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -579,6 +584,7 @@ def _demo_locked(
         description=describe(spec, getattr(args, "argv", None) or ["demo"]),
     )
     spec = _resolve_around_ray(spec, workspace_of(ablate_args), use_cache, None)
+    _name_teacher(spec)
     _say(f"demo: preset {spec.preset} raced from {DEMO_START_SEEDS} to {args.max_seeds} seeds")
     # Rounds fit the demo's budget: the last one starts only if it ends in time for the
     # reports; what is still open is reported with the seeds it would need.

@@ -189,10 +189,9 @@ def outcome_summary(outcome: AblationOutcome, spec: AblationSpec) -> tuple[str, 
     return line, failures
 
 
-# ASHA's first rung comes no earlier than this share of a trial's steps. On the built-in grid
-# (single_additions, 150 steps, seeds 0-2) one seed's final top cell ranked 11th and 12th of
-# 20 at steps 30 and 45, and every rung there that stopped half the cells lost it; from step
-# 60 on ASHA kept every seed's top cell (README, "Ablation at scale").
+# ASHA's first rung comes no earlier than this share of a trial's steps: on the built-in grid,
+# early rungs stopped cells that ended on top, because a cell's early rank says little about its
+# final one (benchmarks/ablation_scale.py asha-replay measures that on a recorded grid).
 ASHA_FIRST_RUNG_SHARE = 1 / 3
 
 
