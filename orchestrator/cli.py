@@ -30,6 +30,7 @@ def _registrars() -> list[Registrar]:
         data_cli,
         export_cli,
         observations_cli,
+        replay_cli,
         report_cli,
         train_cli,
     )
@@ -40,6 +41,7 @@ def _registrars() -> list[Registrar]:
         ablate_cli.register,
         report_cli.register,
         observations_cli.register,
+        replay_cli.register,
         export_cli.register,
     ]
 

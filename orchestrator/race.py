@@ -17,7 +17,7 @@ MLflow is the ledger: a round launches only the (pair set, seed) trials that hav
 in the experiment yet, and each round's decision is taken on the runs the race itself asked
 for up to that round (``visible_runs``). Re-running a race, or ``--resume`` after an interruption,
 therefore replays the finished rounds from MLflow without a trial and continues where it
-stopped; ``benchmarks/race_replay.py`` runs the same loop offline over a full grid.
+stopped; ``conaclip replay`` runs the same loop offline over a full grid.
 """
 
 from __future__ import annotations

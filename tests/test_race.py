@@ -4,9 +4,8 @@ the real selection table, the replay benchmark on a real SQLite MLflow store, an
 
 from __future__ import annotations
 
+import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -309,7 +308,7 @@ def test_replay_compares_the_race_with_the_full_grid():
     assert alone["grid_verdict"] is None and alone["same"] is None and alone["trials"] == 14
 
 
-def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
+def test_replay_command_on_a_real_sqlite_store(tmp_path, capsys):
     from test_table import ranks_for
 
     from orchestrator import tracking
@@ -345,20 +344,35 @@ def test_replay_benchmark_on_a_real_sqlite_store(tmp_path):
         client.log_metric(run.info.run_id, "rsum", 200.0, step=10)
         client.set_terminated(run.info.run_id, "FINISHED")
     out = tmp_path / "replay.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "race_replay.py"), "--tracking-uri", uri,
-         "--experiment", "grid", "--start-seeds", "2", "--max-seeds", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    code = main(["replay", "--tracking-uri", uri, "--experiment", "grid", "--start-seeds", "2",
+                 "--max-seeds", "4", "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
     import json
 
     report = json.loads(out.read_text())
     assert (report["trials"], report["spent_steps"], report["full_steps"]) == (14, 140, 200)
     assert report["verdict"]["equivalent"] == ["c"] and report["grid_verdict"] == report["verdict"]
-    assert done.stdout.splitlines()[-1] == (
+    assert printed.out.splitlines()[-1] == (
         "| grid | 2..4 | 14 | 140 | 200 | 70% | 1 / 1 / 1 / 1 | 1 / 1 / 1 / 1 | yes | yes | yes |"
     )
+
+
+def test_replay_command_on_the_recorded_demo_grid(tmp_path, capsys):
+    record = ROOT / "docs" / "results" / "demo_grid"
+    # The demo's race stopped after its first round: one look at its 2 seeds replays it...
+    out = tmp_path / "replay.json"
+    assert main(["replay", "--from", str(record), "--max-seeds", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["trials"] == 8 and all(report["same"].values())
+    assert report["grid_verdict"] == report["verdict"]
+    assert len(report["rounds"]) == 1 and report["rounds"][0]["seeds"] == 2
+    capsys.readouterr()
+    # ...and a race that would go on asks for a seed the record lacks: one line, exit 2.
+    assert main(["replay", "--from", str(record), "--max-seeds", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("conaclip: error: replay: no FINISHED run of baseline")
+    assert err[-1].endswith("seed 2: not a full grid")
 
 
 def test_a_race_records_its_design_and_refuses_another_on_resume(tmp_path):
