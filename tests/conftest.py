@@ -1,33 +1,8 @@
 """Shared fixtures. Importing trainers first makes torchvision importable on CPU torch."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 import trainers  # noqa: F401  (side effect: torchvision compat before any open_clip import)
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="session")
-def benchmark_script():
-    """``load(name)``: benchmarks/<name>.py as a module (the benchmarks are scripts, not a
-    package), each loaded once per session."""
-    loaded = {}
-
-    def load(name: str):
-        if name not in loaded:
-            spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            # Registered first, as an import would: dataclasses look their module up by name.
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            loaded[name] = module
-        return loaded[name]
-
-    return load
 
 
 @pytest.fixture(scope="session")
