@@ -285,6 +285,7 @@ def test_warmup_cosine_schedule_values():
     assert factor(12) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.integration  # builds the teacher cache with Ray tasks
 def test_cached_teacher_embeddings_equal_a_live_forward(
     tiny_shapes, tiny_teacher, tmp_path, local_ray
 ):
@@ -338,6 +339,7 @@ def test_cached_teacher_embeddings_equal_a_live_forward(
     assert calls == []  # a reused cache reports no progress, so the CLI draws no bar
 
 
+@pytest.mark.integration  # builds the teacher cache with Ray tasks
 def test_stale_cache_is_refused(tiny_shapes, tiny_teacher, tmp_path, local_ray):
     from trainers.models import load_model
     from trainers.teacher_cache import build_teacher_cache, cache_shards
@@ -349,6 +351,7 @@ def test_stale_cache_is_refused(tiny_shapes, tiny_teacher, tmp_path, local_ray):
         cache_shards(tmp_path / "c", train, other_teacher)
 
 
+@pytest.mark.integration  # builds the teacher cache with Ray tasks
 def test_loop_trains_from_the_cache_without_a_teacher_forward(
     tiny_shapes, tiny_teacher, tmp_path, local_ray, monkeypatch
 ):
