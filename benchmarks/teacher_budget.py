@@ -28,7 +28,7 @@ from trainers.models import CONFIG_DIR
 from trainers.teacher import TEACHER_LR, teacher_config
 
 # The former built-in teacher's image tower (a ViT, width 192 x 4, patch 8), the base of the
-# ViT candidates; the shipped one is a timm resnet10t (README "Teacher pre-training").
+# ViT candidates; the shipped one is a timm resnet10t (trainers/model_configs/).
 VIT_VISION: dict[str, Any] = {
     "image_size": 64,
     "patch_size": 8,

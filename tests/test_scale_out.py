@@ -18,10 +18,10 @@ YAML and this test cannot drift. What differs from the YAML, and why:
   while each trial trains with one thread (``torch_threads: 1``), since this machine may have
   two cores.
 
-Two things of ``AutoscalingCluster`` are not used: its ``start()`` and ``shutdown()`` run
-``ray stop --force``, which ends every Ray process on the machine (another user's, this test
-session's own cluster), and its config builds on an ``example.yaml`` that Ray's wheel does not
-ship. ``LoopbackAutoscalingCluster`` starts the head as ``start()`` does (``RAY_FAKE_CLUSTER=1``,
+Two things of ``AutoscalingCluster`` are not used: its ``start()`` and ``shutdown()`` force-stop
+every Ray process on the machine (another user's, this test session's own cluster), and its
+config builds on an ``example.yaml`` that Ray's wheel does not ship.
+``LoopbackAutoscalingCluster`` starts the head as ``start()`` does (``RAY_FAKE_CLUSTER=1``,
 ``AUTOSCALER_UPDATE_INTERVAL_S=1``, ``--autoscaling-config``), but on free ports, with its own
 temp dir and token, and ends exactly the processes it started.
 
