@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator import grid_record, race_replay, stats, tracking
-from orchestrator.reports import ReportSource
+from orchestrator import race_replay, stats
+from orchestrator.reports import ReportSource, source_runs
 from orchestrator.table import selection_table
 from trainers.errors import InputError
 
@@ -132,12 +132,7 @@ def observe_source(
 ) -> Observations:
     """``observe`` on the runs of ``source`` (a grid record, or an experiment of a store),
     less those of ``conaclip best --verify`` (its recipe is no single addition)."""
-    if source.record is not None:
-        runs, _ = grid_record.read_record(source.record)
-    else:
-        uri = source.tracking_uri or tracking.default_tracking_uri(source.out)
-        tracking.check_tracking_uri(uri, must_exist=True)
-        runs = tracking.runs_frame(uri, source.experiment)
+    runs, _ = source_runs(source)
     return observe(race_replay.without_verification(runs), baseline, metric)
 
 

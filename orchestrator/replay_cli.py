@@ -9,8 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import grid_record, race, race_replay, tracking
+from orchestrator import race, race_replay
 from orchestrator.cli_flags import add_ablation_source_flags
+from orchestrator.reports import ReportSource, source_runs
 from orchestrator.sequential import DEFAULT_SPENDING, SPENDING
 from orchestrator.verdicts import DEFAULT_MARGIN
 
@@ -61,16 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    if args.record is not None:
-        runs, saved = grid_record.read_record(args.record)
+    runs, saved = source_runs(ReportSource(args.out, args.experiment, args.tracking_uri,
+                                           args.record))  # fmt: skip
+    if saved is not None:
 
         def ranks(visible):
             return {run: saved[run] for run in visible["run_id"] if run in saved}
     else:
-        uri = args.tracking_uri or tracking.default_tracking_uri(args.out)
-        tracking.check_tracking_uri(uri, must_exist=True)
-        runs = tracking.runs_frame(uri, args.experiment)
-        ranks = race.RanksCache(uri)
+        ranks = race.RanksCache(runs.attrs["tracking_uri"])
     report = race_replay.replay(
         race_replay.without_verification(runs), args.start_seeds, args.max_seeds, args.metric,
         ranks, margin=args.margin, spending=args.spending,

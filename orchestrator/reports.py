@@ -109,18 +109,24 @@ def report_dir(out: Path, experiment: str) -> Path:
     return out / "reports" / tracking.safe_name(experiment)
 
 
+def source_runs(source: ReportSource) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """``(runs, ranks)`` of ``source``: a grid record's runs and their eval ranks, or a store's
+    ``runs_frame`` (its ``attrs["tracking_uri"]`` says where) and None, the ranks being in the
+    store. InputError for a store or record that is not there."""
+    if source.record is not None:
+        return grid_record.read_record(source.record)
+    uri = source.tracking_uri or tracking.default_tracking_uri(source.out)
+    tracking.check_tracking_uri(uri, must_exist=True)
+    return tracking.runs_frame(uri, source.experiment), None
+
+
 def read_selection(source: ReportSource, options: TableOptions) -> Selection:
     """The runs of ``source`` and their selection table, the eval ranks of the runs loaded for
     the bootstrap. InputError for a store that is not there or bad options."""
     if options.n_boot < 1:
         raise InputError(f"--n-boot {options.n_boot}: expected at least 1 resample")
-    if source.record is not None:
-        runs, ranks = grid_record.read_record(source.record)
-        return _selection_of(runs, options, ranks)
-    uri = source.tracking_uri or tracking.default_tracking_uri(source.out)
-    tracking.check_tracking_uri(uri, must_exist=True)
-    runs = tracking.runs_frame(uri, source.experiment)
-    return _selection_of(runs, options)
+    runs, ranks = source_runs(source)
+    return _selection_of(runs, options, ranks)
 
 
 def record_grid(source: ReportSource, folder: Path) -> Path:
